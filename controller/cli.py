@@ -1,0 +1,157 @@
+"""The `rlhf` command line: serve, controller, demo, score, bench."""
+
+import asyncio
+import enum
+import logging
+import os
+import sys
+
+import typer
+
+app = typer.Typer(help="RLHF (SFT, reward model, PPO) as gRPC model services.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks (not tests): print side-by-side figures.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+class Role(str, enum.Enum):
+    policy = "policy"
+    reference = "reference"
+    reward = "reward"
+    value = "value"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Plain log lines on stderr; quiet the libraries' chatter."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for name in ("DeepSpeed", "deepspeed", "transformers", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr and a non-zero exit."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    role: Role = typer.Argument(..., help="Which model service to run"),
+    config: str = typer.Option(..., "--config", "-c", help="Service YAML"),
+    port: int = typer.Option(None, help="Override server.port"),
+    model: str = typer.Option(None, help="Override model.path (hub id or directory)"),
+    device: str = typer.Option(None, help="Override model.device"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run one model service (policy, reference, reward or value) until SIGTERM."""
+    from services.config import ConfigError, load_service_config
+
+    setup_logging(verbose)
+    try:
+        cfg = load_service_config(config, role.value)
+    except ConfigError as error:
+        fail(str(error))
+    if port is not None:
+        cfg.server.port = port
+    if model is not None:
+        cfg.model.path = model
+    if device is not None:
+        cfg.model.device = device
+    from services.registry import SERVICES
+    from services.server import serve as serve_forever
+
+    servicer_cls, add = SERVICES[role.value]
+    try:
+        asyncio.run(serve_forever(servicer_cls(cfg), add))
+    except OSError as error:
+        fail(str(error))
+
+
+@app.command()
+def controller(
+    config: str = typer.Option(..., "--config", "-c", help="Controller YAML"),
+    steps: int = typer.Option(None, help="Override ppo.total_steps"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Drive PPO across running policy, reference, reward and value services."""
+    from controller.clients import TokenizerMismatch
+    from controller.config import load_controller_config
+    from controller.service import run_controller
+    from services.config import ConfigError
+
+    setup_logging(verbose)
+    try:
+        cfg = load_controller_config(config)
+    except ConfigError as error:
+        fail(str(error))
+    if steps is not None:
+        cfg.ppo.total_steps = steps
+
+    def report(result):
+        s = result.stats
+        logging.getLogger("controller").info(
+            "step %d/%d reward %.3f kl %.3f policy_loss %.4f value_loss %.4f",
+            result.step + 1, cfg.ppo.total_steps, s["reward/mean"], s["objective/kl"], s["policy/loss"], s["value/loss"])
+
+    try:
+        asyncio.run(run_controller(cfg, report))
+    except (TokenizerMismatch, TimeoutError, ValueError) as error:
+        fail(str(error))
+
+
+@app.command()
+def score(
+    target: str = typer.Option(..., help="RewardService address, HOST:PORT"),
+    prompt: str = typer.Option(..., help="Prompt text"),
+    response: str = typer.Option(..., help="Response text"),
+    timeout: float = typer.Option(30.0, help="Deadline in seconds"),
+):
+    """Ask a running RewardService for the score of one (prompt, response)."""
+    from controller.score import score_text
+
+    try:
+        value = score_text(target, prompt, response, timeout)
+    except RuntimeError as error:
+        fail(str(error), 1)
+    typer.echo(f"{value:.6f}")
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", help="Output directory"),
+    steps: int = typer.Option(None, help="PPO iterations (default: the demo's setting)"),
+    seed: int = typer.Option(0, help="Seed for data, models and sampling"),
+):
+    """The embedded default: SFT, reward model and PPO on a tiny model, four services on loopback."""
+    from demo.run import run_demo
+
+    setup_logging()
+    try:
+        run_demo(out, steps=steps, seed=seed)
+    except RuntimeError as error:
+        fail(str(error), 1)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    model: str = typer.Option(None, help="Causal LM directory or hub id (default: a tiny local model)"),
+    batch_size: int = typer.Option(32, help="Prompts per call"),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt"),
+    repeats: int = typer.Option(5, help="Timed calls per side"),
+    temperature: float = typer.Option(1.0, help="Sampling temperature"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """tokens/s of Policy.Generate over gRPC vs in-process model.generate, side by side."""
+    from controller.bench import bench_generate as run
+
+    setup_logging()
+    run(model, batch_size, max_new_tokens, repeats, temperature, as_json)
+
+
+if __name__ == "__main__":
+    app()

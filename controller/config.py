@@ -1,0 +1,88 @@
+"""Controller configuration: one YAML file, validated by pydantic."""
+
+import pathlib
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from services.config import DEFAULT_PORTS, Strict, parse, read_yaml
+
+
+class Endpoints(Strict):
+    """host:port of each model service."""
+
+    policy: str = Field(f"127.0.0.1:{DEFAULT_PORTS['policy']}", description="PolicyService address")
+    reference: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reference']}", description="ReferenceService address")
+    reward: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reward']}", description="RewardService address")
+    value: str = Field(f"127.0.0.1:{DEFAULT_PORTS['value']}", description="ValueService address")
+
+
+class PPOConfig(Strict):
+    """PPO hyperparameters (names follow InstructGPT / Ziegler et al. / TRL)."""
+
+    total_steps: int = Field(100, ge=1, description="PPO iterations (generate, score, train)")
+    batch_size: int = Field(64, ge=1, description="Prompts per iteration")
+    minibatch_size: int = Field(16, ge=1, description="Sequences per Train request (one optimizer step)")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each batch")
+    micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward in the services; 0 = their default")
+    max_new_tokens: int = Field(32, ge=1, description="Most response tokens")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same)")
+    top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 disables")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimator")
+    adaptive_kl: bool = Field(False, description="Adapt beta toward kl_target (Ziegler et al. 2019)")
+    kl_target: float = Field(6.0, gt=0, description="Target KL (nats per sequence) of the adaptive controller")
+    kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon")
+    clip_range_value: float = Field(0.2, ge=0, description="Value clip around old values; 0 disables")
+    whiten_advantages: bool = Field(True, description="Normalise advantages over the batch")
+    reward_clip: float | None = Field(None, gt=0, description="Clip RM scores to [-c, c]")
+    normalize_reward: bool = Field(False, description="Standardise RM scores with running mean and std")
+    entropy_coef: float = Field(0.0, ge=0, description="Weight of the entropy bonus")
+    ptx_coef: float = Field(0.0, ge=0, description="gamma of PPO-ptx: weight of the pretraining LM loss")
+    ptx_batch_size: int = Field(8, ge=1, description="Pretraining sequences per Train request")
+
+    @model_validator(mode="after")
+    def _minibatches_divide(self):
+        if self.batch_size % self.minibatch_size:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of minibatch_size {self.minibatch_size}")
+        return self
+
+
+class DataConfig(Strict):
+    """Where prompts (and PPO-ptx text) come from."""
+
+    prompts: str = Field(description="Prompt file: .jsonl with a `prompt` field, or .txt with one prompt per line")
+    ptx: str | None = Field(None, description="Pretraining text for PPO-ptx: .jsonl with `text`, or .txt")
+
+
+class ControllerServerConfig(Strict):
+    """The controller's own gRPC endpoint (ControllerService)."""
+
+    host: str = Field("0.0.0.0", description="Address to listen on")
+    port: int = Field(DEFAULT_PORTS["controller"], ge=0, le=65535, description="gRPC port; 0 picks a free one")
+
+
+class ControllerConfig(Strict):
+    """Everything the controller reads."""
+
+    run_id: str | None = Field(None, description="Names the run in idempotency keys; default: a fresh id")
+    algorithm: Literal["ppo"] = Field("ppo", description="Training algorithm")
+    services: Endpoints = Endpoints()
+    ppo: PPOConfig = PPOConfig()
+    data: DataConfig
+    server: ControllerServerConfig = ControllerServerConfig()
+    output_dir: str = Field("runs/ppo", description="Where stats.jsonl goes")
+    save_checkpoint: str | None = Field("final", description="Policy/value SaveCheckpoint path at the end; null skips")
+    rpc_timeout_seconds: float = Field(600.0, gt=0, description="Deadline of each RPC")
+    rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with UNAVAILABLE or RESOURCE_EXHAUSTED")
+    ready_timeout_seconds: float = Field(600.0, gt=0, description="How long to wait for the services to report SERVING")
+    seed: int = Field(0, description="Seed for prompt order and minibatch shuffling")
+
+
+def load_controller_config(path: str | pathlib.Path) -> ControllerConfig:
+    """Read and validate a controller YAML."""
+    return parse(ControllerConfig, read_yaml(path), str(path))

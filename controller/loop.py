@@ -1,0 +1,237 @@
+"""The PPO loop: generate, score, compute advantages, train (design.md, "One PPO iteration").
+
+The controller holds no model. It moves token ids, log-probs, values and
+advantages between the services and does the PPO bookkeeping with the pure
+functions of controller.ppo.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from controller import ppo
+from controller.clients import ServiceClients
+from controller.config import ControllerConfig, PPOConfig
+from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2, value_pb2
+from services import codec
+from services.batch import Sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experience:
+    """One batch of rollouts; (B, R) tensors are right-padded over response tokens."""
+
+    prompts: list[str]
+    responses: list[str]
+    seqs: Sequences  # prompt + response token ids
+    mask: torch.Tensor  # (B, R) 1 on response tokens
+    logprobs: torch.Tensor  # (B, R) log pi_old(a_t|s_t), from Generate
+    ref_logprobs: torch.Tensor  # (B, R) log pi_ref(a_t|s_t)
+    values: torch.Tensor  # (B, R) V_old(s_t)
+    scores: torch.Tensor  # (B,) RM score r_theta(x, y)
+    policy_version: int
+    advantages: torch.Tensor | None = None  # (B, R) A_t (whitened if configured)
+    returns: torch.Tensor | None = None  # (B, R) A_t + V(s_t) before whitening
+    stats: dict = field(default_factory=dict)
+
+
+def kl_controller(cfg: PPOConfig):
+    """Fixed or adaptive (Ziegler et al. 2019) KL coefficient beta."""
+    if cfg.adaptive_kl:
+        return ppo.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    return ppo.FixedKLController(cfg.kl_coef)
+
+
+def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    return codec.pad_rows([r.float() for r in rows])[0]
+
+
+async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict) -> Experience:
+    """Generate, then reference log-probs, values and RM scores concurrently."""
+    start = time.perf_counter()
+    sampling = policy_pb2.SamplingParams(
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p
+    )
+    request = policy_pb2.GenerateRequest(prompt_texts=tensor_pb2.TextBatch(texts=prompts), sampling=sampling)
+    gen = await clients.call(clients.policy.Generate, request)
+    prompt_rows = codec.ragged_from_pb(gen.prompt_tokens, "prompt_tokens")
+    response_rows = codec.ragged_from_pb(gen.response_tokens, "response_tokens")
+    seqs = Sequences([torch.cat([p, r]).long() for p, r in zip(prompt_rows, response_rows)], [len(p) for p in prompt_rows])
+    timings["generate"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ref, values, scores = await asyncio.gather(
+        clients.call(clients.reference.LogProbs, policy_pb2.LogProbsRequest(sequences=seqs.to_pb(), temperature=cfg.temperature)),
+        clients.call(clients.value.Values, value_pb2.ValuesRequest(sequences=seqs.to_pb())),
+        clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
+            texts=reward_pb2.TextPairs(prompts=prompts, responses=list(gen.response_texts)))),
+    )
+    timings["score"] = time.perf_counter() - start
+    logprobs = codec.ragged_from_pb(gen.response_logprobs, "response_logprobs")
+    return Experience(
+        prompts=prompts, responses=list(gen.response_texts), seqs=seqs,
+        mask=codec.pad_rows(response_rows)[1], logprobs=_padded(logprobs),
+        ref_logprobs=_padded(codec.ragged_from_pb(ref.logprobs, "reference.logprobs")),
+        values=_padded(codec.ragged_from_pb(values.values, "value.values")),
+        scores=codec.tensor_from_pb(scores.scores, "reward.scores").float(),
+        policy_version=gen.policy_version,
+    )
+
+
+class RunningMoments:
+    """Running mean and std of RM scores, for reward normalisation."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        for value in x.tolist():  # Welford
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 or 1.0
+
+
+def compute_advantages(exp: Experience, cfg: PPOConfig, kl_coef: float, moments: RunningMoments | None) -> None:
+    """Per-token KL penalty, RM score on the last token, GAE, whitening (fills exp)."""
+    scores = exp.scores
+    if moments is not None:
+        moments.update(scores)
+        scores = (scores - moments.mean) / moments.std
+    kl = ppo.compute_approx_kl(exp.logprobs, exp.ref_logprobs, exp.mask, cfg.kl_estimator)  # (B, R)
+    rewards, non_score = ppo.compute_rewards(kl, scores, exp.mask, kl_coef, cfg.reward_clip)
+    advantages, returns = ppo.compute_gae(rewards, exp.values, exp.mask, cfg.gamma, cfg.lam)
+    exp.stats.update({
+        "objective/kl": float((kl * exp.mask).sum(1).mean()),
+        "objective/kl_coef": kl_coef,
+        "objective/non_score_reward": float(non_score.sum(1).mean()),
+        "reward/mean": float(exp.scores.mean()),
+        "reward/std": float(exp.scores.std()) if len(exp.scores) > 1 else 0.0,
+        "advantages/mean": float(ppo.masked_mean(advantages, exp.mask)),
+        "advantages/std": float(ppo.masked_var(advantages, exp.mask, unbiased=False).sqrt()),
+        "returns/mean": float(ppo.masked_mean(returns, exp.mask)),
+        "returns/std": float(ppo.masked_var(returns, exp.mask, unbiased=False).sqrt()),
+        "response/length": float(exp.mask.sum(1).mean()),
+    })
+    exp.advantages = ppo.masked_whiten(advantages, exp.mask) if cfg.whiten_advantages else advantages
+    exp.returns = returns
+
+
+def _rows(padded: torch.Tensor, mask: torch.Tensor, index: list[int]) -> tensor_pb2.RaggedTensor:
+    rows = codec.unpad_rows(padded[index], mask[index])
+    return codec.ragged_to_pb(rows, torch.float32)
+
+
+def train_requests(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int], ptx=None):
+    """The Policy.Train and Value.Train requests of one minibatch."""
+    seqs = exp.seqs.select(index).to_pb()
+    ppo_objective = policy_pb2.PPOObjective(
+        sequences=seqs, old_logprobs=_rows(exp.logprobs, exp.mask, index),
+        advantages=_rows(exp.advantages, exp.mask, index), clip_range=cfg.clip_range,
+        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+    )
+    policy = policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
+    value = value_pb2.ValueTrainRequest(
+        key=key, sequences=seqs, old_values=_rows(exp.values, exp.mask, index),
+        returns=_rows(exp.returns, exp.mask, index), clip_range_value=cfg.clip_range_value,
+        micro_batch_size=cfg.micro_batch_size,
+    )
+    return policy, value
+
+
+def _mean_stats(replies: list, fields: dict[str, str]) -> dict[str, float]:
+    return {name: sum(getattr(r, attr) for r in replies) / len(replies) for name, attr in fields.items()}
+
+
+POLICY_FIELDS = {"policy/loss": "policy_loss", "policy/clipfrac": "clip_fraction", "policy/approx_kl": "approx_kl",
+                 "policy/entropy": "entropy", "policy/grad_norm": "grad_norm", "policy/ptx_loss": "ptx_loss"}
+VALUE_FIELDS = {"value/loss": "loss", "value/clipfrac": "clip_fraction", "value/grad_norm": "grad_norm",
+                "value/explained_variance": "explained_variance"}
+
+
+@dataclass
+class StepResult:
+    """What one PPO iteration produced."""
+
+    step: int
+    stats: dict
+    experience: Experience
+
+
+class PPORunner:
+    """Runs PPO iterations against the services; `step()` is one iteration."""
+
+    def __init__(self, cfg: ControllerConfig, clients: ServiceClients, prompts: list[str], ptx_texts=None):
+        self.cfg = cfg
+        self.clients = clients
+        self.prompts = prompts
+        self.ptx_texts = ptx_texts or []
+        self.run_id = cfg.run_id or uuid.uuid4().hex[:12]
+        self.kl_ctl = kl_controller(cfg.ppo)
+        self.moments = RunningMoments() if cfg.ppo.normalize_reward else None
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.step_count = 0
+        self.policy_version = 0
+        self.last_stats: dict = {}
+
+    def _next_prompts(self) -> list[str]:
+        order = torch.randperm(len(self.prompts), generator=self.generator)[: self.cfg.ppo.batch_size]
+        picked = [self.prompts[i] for i in order.tolist()]
+        while len(picked) < self.cfg.ppo.batch_size:  # fewer prompts than a batch: cycle
+            picked += picked[: self.cfg.ppo.batch_size - len(picked)]
+        return picked
+
+    def _ptx_batch(self) -> policy_pb2.PtxBatch | None:
+        if not self.ptx_texts or self.cfg.ppo.ptx_coef == 0:
+            return None
+        order = torch.randperm(len(self.ptx_texts), generator=self.generator)[: self.cfg.ppo.ptx_batch_size]
+        texts = tensor_pb2.TextBatch(texts=[self.ptx_texts[i] for i in order.tolist()])
+        return policy_pb2.PtxBatch(texts=texts, coef=self.cfg.ppo.ptx_coef)
+
+    async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
+        cfg = self.cfg.ppo
+        start = time.perf_counter()
+        n_minibatches = cfg.batch_size // cfg.minibatch_size
+        policy_replies, value_replies = [], []
+        for epoch in range(cfg.ppo_epochs):
+            order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
+            for mb in range(n_minibatches):
+                index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
+                key = tensor_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=epoch * n_minibatches + mb)
+                p_req, v_req = train_requests(exp, cfg, key, index, self._ptx_batch())
+                p, v = await asyncio.gather(
+                    self.clients.call(self.clients.policy.Train, p_req), self.clients.call(self.clients.value.Train, v_req)
+                )
+                policy_replies.append(p)
+                value_replies.append(v)
+        timings["train"] = time.perf_counter() - start
+        self.policy_version = policy_replies[-1].model_version
+        stats = _mean_stats(policy_replies, POLICY_FIELDS) | _mean_stats(value_replies, VALUE_FIELDS)
+        stats["policy/first_minibatch_approx_kl"] = policy_replies[0].approx_kl
+        stats["policy/first_minibatch_clipfrac"] = policy_replies[0].clip_fraction
+        return stats
+
+    async def step(self) -> StepResult:
+        """One PPO iteration; returns its statistics."""
+        step = self.step_count
+        timings: dict[str, float] = {}
+        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings)
+        compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
+        stats = exp.stats | await self._train(exp, step, timings)
+        self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.batch_size)
+        stats.update({f"time/{k}": v for k, v in timings.items()})
+        stats.update({"policy/version": self.policy_version, "step": step,
+                      "samples": (step + 1) * self.cfg.ppo.batch_size})
+        self.step_count += 1
+        self.last_stats = stats
+        return StepResult(step, stats, exp)

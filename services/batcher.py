@@ -1,0 +1,101 @@
+"""Dynamic batching: concurrent requests share one model call.
+
+Requests wait in a bounded queue; one task takes the head, waits up to
+max_wait_ms for company, merges requests with the same key while the batch
+stays within max_batch_size rows and max_batch_tokens tokens, and runs the
+merged batch on the model thread. A full queue is RESOURCE_EXHAUSTED.
+"""
+
+import asyncio
+import collections
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable
+
+from services.config import BatchingConfig
+from services.errors import Overloaded
+
+# run(key, items) -> one result per item, executed on the model thread.
+RunBatch = Callable[[Hashable, list[Any]], list[Any]]
+
+
+@dataclass
+class _Request:
+    key: Hashable
+    items: list[Any]
+    tokens: int
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Batcher:
+    """Merges queued requests into batches and runs them on `executor`."""
+
+    def __init__(self, run: RunBatch, cfg: BatchingConfig, executor: Executor):
+        self._run = run
+        self._cfg = cfg
+        self._executor = executor
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=cfg.max_queue)
+        self._held: collections.deque[_Request] = collections.deque()
+        self._task: asyncio.Task | None = None
+        self.on_batch: Callable[[int, int], None] | None = None  # (rows, tokens) hook for metrics
+
+    def depth(self) -> int:
+        """Requests waiting, not counting the batch running now."""
+        return self._queue.qsize() + len(self._held)
+
+    async def submit(self, key: Hashable, items: list[Any], tokens: int) -> list[Any]:
+        """Queue `items` (rows of one request) and wait for their results."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+        request = _Request(key, items, tokens)
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            raise Overloaded(f"request queue is full ({self._cfg.max_queue} waiting)") from None
+        return await request.future
+
+    def _fits(self, group: list[_Request], nxt: _Request) -> bool:
+        rows = sum(len(r.items) for r in group) + len(nxt.items)
+        tokens = sum(r.tokens for r in group) + nxt.tokens
+        return nxt.key == group[0].key and rows <= self._cfg.max_batch_size and tokens <= self._cfg.max_batch_tokens
+
+    async def _collect(self) -> list[_Request]:
+        group = [self._held.popleft() if self._held else await self._queue.get()]
+        if self._cfg.max_wait_ms > 0 and self._queue.empty():
+            await asyncio.sleep(self._cfg.max_wait_ms / 1000)
+        while not self._held and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if not self._fits(group, nxt):
+                self._held.append(nxt)
+                break
+            group.append(nxt)
+        return group
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            group = await self._collect()
+            items = [item for r in group for item in r.items]
+            if self.on_batch:
+                self.on_batch(len(items), sum(r.tokens for r in group))
+            try:
+                results = await loop.run_in_executor(self._executor, self._run, group[0].key, items)
+            except Exception as error:  # noqa: BLE001 - every waiter hears of it
+                for r in group:
+                    if not r.future.done():
+                        r.future.set_exception(error)
+                continue
+            start = 0
+            for r in group:
+                if not r.future.done():
+                    r.future.set_result(results[start : start + len(r.items)])
+                start += len(r.items)
+
+    async def close(self) -> None:
+        """Stop the batching task."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,121 @@
+"""Service configuration: one YAML file per process, validated by pydantic.
+
+The Helm chart renders the same YAML into ConfigMaps, so this module is the
+one schema for local runs and the cluster.
+"""
+
+import pathlib
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+Role = Literal["policy", "reference", "reward", "value"]
+
+DEFAULT_PORTS = {"controller": 50050, "policy": 50051, "reference": 50052, "reward": 50053, "value": 50054}
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """Which checkpoint to load and where to run it."""
+
+    path: str = Field(description="Hugging Face hub id or local directory of the checkpoint")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    tokenizer: str | None = Field(None, description="Tokenizer id or directory; defaults to `path`")
+    device: str = Field("cpu", description="torch device: cpu, cuda or cuda:N")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Weight and compute dtype")
+    max_sequence_length: int | None = Field(
+        None, ge=2, description="Longest prompt + response in tokens; defaults to the model's position limit"
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub")
+
+
+class BatchingConfig(Strict):
+    """Dynamic batching of concurrent requests."""
+
+    max_batch_size: int = Field(64, ge=1, description="Most sequences in one model call")
+    max_batch_tokens: int = Field(32768, ge=1, description="Most tokens (sum of row lengths) in one model call")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests, in milliseconds")
+    max_queue: int = Field(256, ge=1, description="Requests waiting beyond this get RESOURCE_EXHAUSTED")
+    max_request_rows: int = Field(4096, ge=1, description="Most rows in one request")
+
+
+class TrainingConfig(Strict):
+    """Optimizer and DeepSpeed engine of a trainable service (policy, value)."""
+
+    learning_rate: float = Field(1e-5, gt=0, description="Adam learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    micro_batch_size: int = Field(8, ge=1, description="Default sequences per forward/backward pass")
+    idempotency_cache: int = Field(4096, ge=1, description="Applied Train keys remembered for replay")
+
+
+class ServerConfig(Strict):
+    """Network and process settings."""
+
+    host: str = Field("0.0.0.0", description="Address to listen on")
+    port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
+    grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    checkpoint_dir: str = Field("checkpoints", description="SaveCheckpoint paths are relative to this directory")
+    seed: int = Field(0, description="Seed for initialisation and sampling")
+
+
+class ServiceConfig(Strict):
+    """Everything one model service process reads."""
+
+    role: Role
+    model: ModelConfig
+    server: ServerConfig = ServerConfig()
+    batching: BatchingConfig = BatchingConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    def grpc_port(self) -> int:
+        """The configured port, or the role's default."""
+        return DEFAULT_PORTS[self.role] if self.server.port is None else self.server.port
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or invalid; the message says where."""
+
+
+def read_yaml(path: str | pathlib.Path) -> dict:
+    """Load a YAML mapping, raising ConfigError with the file name on failure."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ConfigError(f"{path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse(model: type[BaseModel], data: dict, source: str):
+    """Validate `data` as `model`, turning pydantic errors into one-line ConfigErrors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+        raise ConfigError(f"{source}: {where}: {first['msg']}{more}") from None
+
+
+def load_service_config(path: str | pathlib.Path, role: str | None = None) -> ServiceConfig:
+    """Read a service YAML; `role` (from the CLI) fills in or must match `role:`."""
+    data = read_yaml(path)
+    if role is not None:
+        if data.setdefault("role", role) != role:
+            raise ConfigError(f"{path}: role is {data['role']!r} but the command serves {role!r}")
+    return parse(ServiceConfig, data, str(path))

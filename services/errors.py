@@ -1,0 +1,66 @@
+"""Domain errors and the one interceptor that maps them to gRPC status codes."""
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class InvalidArgument(ValueError):
+    """A request field is malformed; the message names the field."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class Overloaded(RuntimeError):
+    """The request queue is full (RESOURCE_EXHAUSTED)."""
+
+
+class NotReady(RuntimeError):
+    """The service is loading or draining (UNAVAILABLE)."""
+
+
+_STATUS = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_for(error: Exception) -> grpc.StatusCode:
+    """The gRPC status code a domain error maps to (INTERNAL for anything else)."""
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions raised by unary handlers into gRPC status codes."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method
+
+        async def guarded(request, context):
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as error:  # noqa: BLE001 - every error becomes a status
+                code = status_for(error)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", method)
+                await context.abort(code, str(error) or type(error).__name__)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,121 @@
+"""Forward passes shared by serving and training: one code path for log-probs.
+
+Generate, LogProbs and Train all turn logits into log-probs with
+`controller.ppo.logprobs_from_logits(logits, tokens, temperature)`, so the
+PPO ratio on freshly sampled data is 1 up to floating-point noise.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from controller.ppo import logprobs_from_logits
+from services.batch import Sequences
+from services.codec import pad_rows
+
+
+def _temperature(t: float) -> float:
+    """0 (unset or greedy) means 1: log-probs of the untempered distribution."""
+    return t if t > 0 else 1.0
+
+
+def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits that predict each response token.
+
+    Returns logits (B, R, V), response tokens (B, R) and response mask (B, R).
+    """
+    input_ids, attention_mask, index, mask = seqs.padded(pad_id)
+    input_ids, attention_mask, index = input_ids.to(device), attention_mask.to(device), index.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+    vocab = logits.shape[-1]
+    picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, vocab))  # (B, R, V)
+    labels = input_ids.gather(1, (index + 1).clamp(max=input_ids.shape[1] - 1)) * mask.to(device).long()  # (B, R)
+    return picked, labels, mask.to(device)
+
+
+def response_logprobs(model, seqs: Sequences, pad_id: int, device, temperature: float) -> list[torch.Tensor]:
+    """log pi(a_t|s_t) of each response token, one float32 row per sequence."""
+    logits, labels, mask = response_logits(model, seqs, pad_id, device)
+    logprobs = logprobs_from_logits(logits.float(), labels, _temperature(temperature))  # (B, R)
+    return [row[:n].cpu() for row, n in zip(logprobs, seqs.response_lengths)]
+
+
+def response_values(model, seqs: Sequences, pad_id: int, device) -> list[torch.Tensor]:
+    """V(s_t) for each response token: the value head at the position before it."""
+    input_ids, attention_mask, index, _ = seqs.padded(pad_id)
+    values = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))  # (B, T)
+    picked = values.gather(1, index.to(device)).float()  # (B, R)
+    return [row[:n].cpu() for row, n in zip(picked, seqs.response_lengths)]
+
+
+def sequence_scores(model, rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:
+    """Reward-model score of each whole sequence (read at its last token). (B,)"""
+    input_ids, mask = pad_rows(rows, pad_id)
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device)).logits  # (B, 1)
+    return logits[:, 0].float().cpu()
+
+
+@dataclass
+class Sampling:
+    """Decoded SamplingParams; temperature 0 means greedy."""
+
+    temperature: float
+    max_new_tokens: int
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def key(self) -> tuple:
+        """Requests with equal keys can share one generate call."""
+        return (self.temperature, self.max_new_tokens, self.top_k, self.top_p, self.seed)
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(int(r.numel()) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - row.numel():] = row
+        mask[i, width - row.numel():] = 1
+    return ids, mask
+
+
+def _generation_config(s: Sampling, pad_id: int, eos_id: int) -> GenerationConfig:
+    sample = s.temperature > 0
+    extra = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if 0 < s.top_p < 1 else None)
+    return GenerationConfig(
+        max_new_tokens=s.max_new_tokens,
+        do_sample=sample,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id if eos_id >= 0 else None,
+        return_dict_in_generate=True,
+        output_logits=True,
+        **(extra if sample else {}),
+    )
+
+
+@torch.no_grad()
+def generate(model, prompts: list[torch.Tensor], s: Sampling, pad_id: int, eos_id: int, device):
+    """Sample responses; returns (responses, logprobs, finished) per row.
+
+    A response ends with (and includes) the first end-of-sequence token.
+    Log-probs come from the raw logits of each step at the sampling temperature.
+    """
+    if s.seed:
+        torch.manual_seed(s.seed)
+    ids, mask = _left_pad(prompts, pad_id)
+    out = model.generate(
+        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=_generation_config(s, pad_id, eos_id)
+    )
+    new = out.sequences[:, ids.shape[1]:]  # (B, N)
+    logits = torch.stack(out.logits, dim=1).float()  # (B, N, V)
+    logprobs = logprobs_from_logits(logits, new, _temperature(s.temperature))  # (B, N)
+    responses, lps, finished = [], [], []
+    for row, lp in zip(new.cpu(), logprobs.cpu()):
+        ends = (row == eos_id).nonzero()
+        n = int(ends[0]) + 1 if len(ends) else row.numel()
+        responses.append(row[:n])
+        lps.append(lp[:n])
+        finished.append(bool(len(ends)))
+    return responses, lps, finished

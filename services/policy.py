@@ -1,0 +1,237 @@
+"""PolicyService: generation, log-probs and PPO optimizer steps on one copy of the weights."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from controller import ppo
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from services import codec
+from services.batch import Sequences, check_token_rows, tokens_from_pb
+from services.batcher import Batcher
+from services.checkpoint import save_checkpoint
+from services.engine import TrainEngine
+from services.errors import InvalidArgument
+from services.idempotency import AppliedSteps, key_from_pb
+from services.inference import Sampling, generate, response_logits, response_logprobs
+from services.models import LoadedModel
+from services.server import ModelServicer, chunks, micro_batch_size
+
+
+def check_temperature(value: float, field: str) -> float:
+    """A finite, non-negative temperature (0 = unset/greedy)."""
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(field, f"must be a finite number >= 0, got {value}")
+    return value
+
+
+def sampling_from_pb(pb: policy_pb2.SamplingParams, room: int) -> Sampling:
+    """Validate SamplingParams; `room` is how many tokens the longest prompt leaves."""
+    temperature = check_temperature(pb.temperature, "sampling.temperature")
+    if not 1 <= pb.max_new_tokens <= room:
+        raise InvalidArgument("sampling.max_new_tokens", f"must be in [1, {room}] for these prompts, got {pb.max_new_tokens}")
+    if pb.top_k < 0:
+        raise InvalidArgument("sampling.top_k", f"must be >= 0, got {pb.top_k}")
+    if not (math.isfinite(pb.top_p) and 0 <= pb.top_p <= 1):
+        raise InvalidArgument("sampling.top_p", f"must be in [0, 1], got {pb.top_p}")
+    return Sampling(temperature, pb.max_new_tokens, pb.top_k, pb.top_p or 1.0, pb.seed)
+
+
+@dataclass
+class PPOBatch:
+    """A decoded PPOObjective."""
+
+    seqs: Sequences
+    old_logprobs: list[torch.Tensor]  # B x (R_i,) log pi_old(a_t|s_t)
+    advantages: list[torch.Tensor]  # B x (R_i,) A_t
+    clip_range: float
+    entropy_coef: float
+    temperature: float
+
+
+def ppo_from_pb(pb: policy_pb2.PPOObjective, limits) -> PPOBatch:
+    """Decode and validate a PPO minibatch."""
+    seqs = Sequences.from_pb(pb.sequences, "ppo.sequences", limits)
+    lengths = seqs.response_lengths
+    old = codec.float_rows_from_pb(pb.old_logprobs, "ppo.old_logprobs", lengths)
+    adv = codec.float_rows_from_pb(pb.advantages, "ppo.advantages", lengths)
+    if not (math.isfinite(pb.clip_range) and pb.clip_range > 0):
+        raise InvalidArgument("ppo.clip_range", f"must be > 0, got {pb.clip_range}")
+    if not math.isfinite(pb.entropy_coef):
+        raise InvalidArgument("ppo.entropy_coef", "must be finite")
+    temperature = check_temperature(pb.temperature, "ppo.temperature") or 1.0
+    return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature)
+
+
+def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel) -> tuple[list[torch.Tensor], float]:
+    """Decode PPO-ptx pretraining rows (each >= 2 tokens) and their weight gamma."""
+    if pb.WhichOneof("source") == "texts":
+        encoded = m.tokenizer(list(pb.texts.texts), add_special_tokens=False, truncation=True, max_length=m.limits.max_length)
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
+        rows = check_token_rows(rows, "ptx.texts", m.limits) if rows else tokens_from_pb(pb.tokens, "ptx.tokens", m.limits)
+    else:
+        rows = tokens_from_pb(pb.tokens, "ptx.tokens", m.limits)
+    if any(r.numel() < 2 for r in rows):
+        raise InvalidArgument("ptx", "every pretraining row needs >= 2 tokens")
+    if not (math.isfinite(pb.coef) and pb.coef >= 0):
+        raise InvalidArgument("ptx.coef", f"must be finite and >= 0, got {pb.coef}")
+    return rows, pb.coef
+
+
+class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
+    """Holds the actor; Generate and LogProbs are batched, Train is one step per request."""
+
+    role = "policy"
+    service_name = "rlhf.v1.PolicyService"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.trainer: TrainEngine | None = None
+        self.applied = AppliedSteps(cfg.training.idempotency_cache)
+        self.generate_batcher = Batcher(self._run_generate, cfg.batching, self.executor)
+        self.logprob_batcher = Batcher(self._run_logprobs, cfg.batching, self.executor)
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
+
+    def model_version(self) -> int:
+        return self.trainer.version if self.trainer else 0
+
+    # --- Generate -----------------------------------------------------------
+    def _prompt_rows(self, request, m: LoadedModel) -> list[torch.Tensor]:
+        which = request.WhichOneof("prompts")
+        if which == "prompt_tokens":
+            return tokens_from_pb(request.prompt_tokens, "prompt_tokens", m.limits)
+        if which == "prompt_texts" and request.prompt_texts.texts:
+            texts = list(request.prompt_texts.texts)
+            if any(not t for t in texts):
+                raise InvalidArgument("prompt_texts.texts", "empty prompt")
+            rows = [torch.tensor(m.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
+            return check_token_rows(rows, "prompt_texts", m.limits)
+        raise InvalidArgument("prompts", "empty batch: set prompt_tokens or prompt_texts")
+
+    def _run_generate(self, key, prompts: list[torch.Tensor]):
+        m = self.loaded
+        sampling = Sampling(*key)
+        version = self.model_version()
+        out = []
+        for idx in chunks(len(prompts), self.cfg.batching.max_batch_size):
+            rows = [prompts[i] for i in idx]
+            responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device)
+            out.extend(zip(responses, logprobs, finished, [version] * len(rows)))
+        return out
+
+    async def Generate(self, request, context):
+        m = self.require()
+        prompts = self._prompt_rows(request, m)
+        if len(prompts) > self.cfg.batching.max_request_rows:
+            raise InvalidArgument("prompts", f"{len(prompts)} rows exceed max_request_rows {self.cfg.batching.max_request_rows}")
+        room = m.limits.max_length - max(int(p.numel()) for p in prompts)
+        sampling = sampling_from_pb(request.sampling, room)
+        tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)
+        results = await self.generate_batcher.submit(sampling.key(), prompts, tokens)
+        responses = [r[0] for r in results]
+        return policy_pb2.GenerateResponse(
+            prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
+            response_tokens=codec.ragged_to_pb(responses, torch.int32),
+            response_logprobs=codec.ragged_to_pb([r[1] for r in results], torch.float32),
+            response_texts=m.tokenizer.batch_decode(responses, skip_special_tokens=True),
+            policy_version=min(r[3] for r in results),
+            finished=[r[2] for r in results],
+        )
+
+    # --- LogProbs -----------------------------------------------------------
+    def _run_logprobs(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
+        m = self.loaded
+        batch = Sequences([s[0] for s in seqs], [s[1] for s in seqs])
+        out = []
+        with torch.no_grad():
+            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
+                out.extend(response_logprobs(self.trainer.module, batch.select(idx), m.pad_id, m.device, temperature))
+        return out
+
+    async def LogProbs(self, request, context):
+        m = self.require()
+        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
+        temperature = check_temperature(request.temperature, "temperature")
+        tokens = sum(int(r.numel()) for r in seqs.rows)
+        version = self.model_version()
+        rows = await self.logprob_batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
+        return policy_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+
+    # --- Train --------------------------------------------------------------
+    def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict) -> list:
+        m = self.loaded
+        n_tokens = sum(batch.seqs.response_lengths)
+
+        def loss_for(idx):
+            def fn(engine):
+                logits, labels, mask = response_logits(engine, batch.seqs.select(idx), m.pad_id, m.device)
+                logits = logits.float() / batch.temperature  # (b, R, V)
+                old, _ = codec.pad_rows([batch.old_logprobs[i] for i in idx])
+                adv, _ = codec.pad_rows([batch.advantages[i] for i in idx])
+                logprobs = ppo.logprobs_from_logits(logits, labels)  # (b, R)
+                out = ppo.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range, n_tokens)
+                entropy = (ppo.entropy_from_logits(logits) * mask).sum() / n_tokens
+                for name, value in (("policy_loss", out.loss), ("clip_fraction", out.clipfrac),
+                                    ("approx_kl", out.approx_kl), ("entropy", entropy)):
+                    stats[name] = stats.get(name, 0.0) + float(value)
+                return out.loss - batch.entropy_coef * entropy
+
+            return fn
+
+        return [loss_for(idx) for idx in chunks(len(batch.seqs), micro)]
+
+    def _ptx_micro_losses(self, rows: list[torch.Tensor], coef: float, micro: int, stats: dict) -> list:
+        m = self.loaded
+        n_tokens = sum(int(r.numel()) - 1 for r in rows)
+
+        def loss_for(idx):
+            def fn(engine):
+                ids, mask = codec.pad_rows([rows[i] for i in idx], m.pad_id)
+                ids, mask = ids.to(m.device), mask.to(m.device)
+                logits = engine(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()  # (b, T-1, V)
+                nll = -ppo.logprobs_from_logits(logits, ids[:, 1:]) * mask[:, 1:]
+                loss = nll.sum() / n_tokens  # mean LM loss over every pretraining token
+                stats["ptx_loss"] = stats.get("ptx_loss", 0.0) + float(loss)
+                return coef * loss
+
+            return fn
+
+        return [loss_for(idx) for idx in chunks(len(rows), micro)]
+
+    def _train(self, batch: PPOBatch, ptx, micro: int) -> policy_pb2.PolicyTrainResponse:
+        stats: dict[str, float] = {}
+        losses = self._ppo_micro_losses(batch, micro, stats)
+        if ptx is not None:
+            losses += self._ptx_micro_losses(ptx[0], ptx[1], micro, stats)
+        grad_norm = self.trainer.step(losses)
+        entropy_term = batch.entropy_coef * stats["entropy"]
+        total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
+        return policy_pb2.PolicyTrainResponse(
+            loss=total, grad_norm=grad_norm, model_version=self.trainer.version,
+            tokens=sum(batch.seqs.response_lengths), **stats,
+        )
+
+    async def Train(self, request, context):
+        m = self.require()
+        key = key_from_pb(request.key)
+        which = request.WhichOneof("objective")
+        if which != "ppo":
+            raise InvalidArgument("objective", "set ppo" if which is None else f"{which} is not supported by this service")
+        batch = ppo_from_pb(request.ppo, m.limits)
+        ptx = ptx_from_pb(request.ptx, m) if request.HasField("ptx") else None
+        micro = micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
+        result, replayed = await self.applied.run(key, lambda: self.on_model_thread(self._train, batch, ptx, micro))
+        response = policy_pb2.PolicyTrainResponse()
+        response.CopyFrom(result)
+        response.replayed = replayed
+        return response
+
+    async def SaveCheckpoint(self, request, context):
+        m = self.require()
+        return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)
+
+
+add_to_server = policy_pb2_grpc.add_PolicyServiceServicer_to_server

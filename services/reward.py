@@ -1,0 +1,69 @@
+"""RewardService: scalar scores of whole sequences from the frozen reward model."""
+
+import torch
+
+from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from services import codec
+from services.batch import check_token_rows, tokens_from_pb
+from services.batcher import Batcher
+from services.errors import InvalidArgument
+from services.inference import sequence_scores
+from services.server import ModelServicer, chunks
+from training.formatting import encode_for_reward
+
+
+class RewardServicer(ModelServicer, reward_pb2_grpc.RewardServiceServicer):
+    """Frozen; accepts token ids or (prompt, response) text and batches requests."""
+
+    role = "reward"
+    service_name = "rlhf.v1.RewardService"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.batcher = Batcher(self._run, cfg.batching, self.executor)
+
+    def after_load(self, loaded) -> None:
+        loaded.model.requires_grad_(False)
+
+    def _run(self, _key, rows: list[torch.Tensor]) -> list[float]:
+        m = self.loaded
+        out = []
+        with torch.no_grad():
+            for idx in chunks(len(rows), self.cfg.batching.max_batch_size):
+                out.extend(sequence_scores(m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
+        return out
+
+    def _text_rows(self, pairs: reward_pb2.TextPairs, m) -> list[torch.Tensor]:
+        prompts, responses = list(pairs.prompts), list(pairs.responses)
+        if not prompts:
+            raise InvalidArgument("texts.prompts", "empty batch")
+        if len(prompts) != len(responses):
+            raise InvalidArgument("texts.responses", f"{len(responses)} responses for {len(prompts)} prompts")
+        rows = [
+            torch.tensor(encode_for_reward(m.tokenizer, p, r, m.limits.max_length), dtype=torch.long)
+            for p, r in zip(prompts, responses)
+        ]
+        return check_token_rows(rows, "texts", m.limits)
+
+    def rows_from_request(self, request) -> list[torch.Tensor]:
+        """Token rows to score, from either input form."""
+        m = self.require()
+        which = request.WhichOneof("input")
+        if which == "tokens":
+            return tokens_from_pb(request.tokens, "tokens", m.limits)
+        if which == "texts":
+            return self._text_rows(request.texts, m)
+        raise InvalidArgument("input", "empty batch: set tokens or texts")
+
+    async def score_rows(self, rows: list[torch.Tensor]) -> list[float]:
+        """Scores of token rows through the batcher."""
+        if len(rows) > self.cfg.batching.max_request_rows:
+            raise InvalidArgument("input", f"{len(rows)} rows exceed max_request_rows {self.cfg.batching.max_request_rows}")
+        return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows))
+
+    async def Score(self, request, context):
+        scores = await self.score_rows(self.rows_from_request(request))
+        return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)))
+
+
+add_to_server = reward_pb2_grpc.add_RewardServiceServicer_to_server

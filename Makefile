@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	@# DeepSpeed builds against the torch just installed, not a fresh one.
 	$(PIP) install --no-build-isolation "deepspeed>=0.16"
 	$(PIP) install -e ".[test]"
+	@# Compile DeepSpeed's CPU comm op now rather than on the first service start.
+	$(PY) -c "import services.engine as e; e.build_cpu_ops()"
 	@touch $(STAMP)
 
 demo: $(STAMP)

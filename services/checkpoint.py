@@ -21,7 +21,8 @@ def checkpoint_path(root: str, requested: str, version: int) -> pathlib.Path:
 async def save_checkpoint(servicer, request, module, tokenizer) -> tensor_pb2.SaveCheckpointResponse:
     """Write module + tokenizer with save_pretrained on the model thread."""
     version = servicer.model_version()
-    target = checkpoint_path(servicer.cfg.server.checkpoint_dir, request.path, version)
+    root = servicer.cfg.server.checkpoint_dir or f"checkpoints/{servicer.role}"
+    target = checkpoint_path(root, request.path, version)
 
     def write() -> list[str]:
         target.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,9 @@ class ServerConfig(Strict):
     port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
     grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
-    checkpoint_dir: str = Field("checkpoints", description="SaveCheckpoint paths are relative to this directory")
+    checkpoint_dir: str | None = Field(
+        None, description="SaveCheckpoint paths are relative to this directory; default checkpoints/<role>"
+    )
     seed: int = Field(0, description="Seed for initialisation and sampling")
 
 

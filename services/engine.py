@@ -30,11 +30,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_distributed(device: torch.device) -> None:
-    """A one-rank torch.distributed world unless the launcher set one up."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+def _deepspeed_env(device_type: str) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
     # DeepSpeed JIT-builds its CPU comm op; keep the build with this environment.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(pathlib.Path(sys.prefix) / "torch_extensions"))
+
+
+def build_cpu_ops() -> None:
+    """Build DeepSpeed's CPU communication op ahead of time (make install does), so services start fast."""
+    if torch.cuda.is_available():
+        return
+    _deepspeed_env("cpu")
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
+
+
+def _init_distributed(device: torch.device) -> None:
+    """A one-rank torch.distributed world unless the launcher set one up."""
+    _deepspeed_env(device.type)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))

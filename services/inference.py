@@ -71,7 +71,8 @@ class Sampling:
         return (self.temperature, self.max_new_tokens, self.top_k, self.top_p, self.seed)
 
 
-def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation: ids (B, T) and attention mask (B, T)."""
     width = max(int(r.numel()) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -81,7 +82,8 @@ def _left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torc
     return ids, mask
 
 
-def _generation_config(s: Sampling, pad_id: int, eos_id: int) -> GenerationConfig:
+def generation_config(s: Sampling, pad_id: int, eos_id: int) -> GenerationConfig:
+    """The transformers GenerationConfig for sampling params s (greedy when temperature is 0)."""
     sample = s.temperature > 0
     extra = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if 0 < s.top_p < 1 else None)
     return GenerationConfig(
@@ -104,9 +106,9 @@ def generate(model, prompts: list[torch.Tensor], s: Sampling, pad_id: int, eos_i
     """
     if s.seed:
         torch.manual_seed(s.seed)
-    ids, mask = _left_pad(prompts, pad_id)
+    ids, mask = left_pad(prompts, pad_id)
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=_generation_config(s, pad_id, eos_id)
+        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation_config(s, pad_id, eos_id)
     )
     new = out.sequences[:, ids.shape[1]:]  # (B, N)
     logits = torch.stack(out.logits, dim=1).float()  # (B, N, V)

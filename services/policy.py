@@ -176,7 +176,7 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
                 entropy = (ppo.entropy_from_logits(logits) * mask).sum() / n_tokens
                 for name, value in (("policy_loss", out.loss), ("clip_fraction", out.clipfrac),
                                     ("approx_kl", out.approx_kl), ("entropy", entropy)):
-                    stats[name] = stats.get(name, 0.0) + float(value)
+                    stats[name] = stats.get(name, 0.0) + float(value.detach())
                 return out.loss - batch.entropy_coef * entropy
 
             return fn

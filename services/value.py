@@ -67,7 +67,7 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
                 ret, _ = codec.pad_rows([returns[i] for i in idx])
                 loss, clipfrac = ppo.value_loss(values, old.to(m.device), ret.to(m.device), mask.to(m.device),
                                                 clip or None, n_tokens)
-                stats["loss"] += float(loss)
+                stats["loss"] += float(loss.detach())
                 stats["clip_fraction"] += float(clipfrac)
                 for j, i in enumerate(idx):
                     predicted[i] = values[j, : int(mask[j].sum())].detach().cpu()

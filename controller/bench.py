@@ -1,0 +1,113 @@
+"""`rlhf bench generate`: Policy.Generate over gRPC vs in-process model.generate.
+
+Both sides use the same checkpoint, prompts (as token ids), batch size,
+sampling settings and thread count, and are timed alternately in one run so
+that machine noise hits both alike. The figure is tokens generated per second.
+"""
+
+import json
+import pathlib
+import tempfile
+import time
+
+import grpc
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from controller.local import LocalMesh
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from services import codec
+from services.inference import Sampling, generation_config, left_pad
+from services.server import GRPC_OPTIONS
+
+
+def bench_model(out: pathlib.Path) -> pathlib.Path:
+    """A small local GPT-2 (4 layers, 256 wide) with the demo's tokenizer."""
+    from demo import task, tiny
+
+    tokenizer = tiny.build_tokenizer(task.corpus_texts(0), out / "tokenizer")
+    return pathlib.Path(tiny.build_tiny_lm(tokenizer, out / "model", n_layer=4, n_embd=256, n_head=4, n_positions=256))
+
+
+def prompt_rows(tokenizer, batch_size: int) -> list[torch.Tensor]:
+    """Token ids of `batch_size` short prompts."""
+    from demo import task
+
+    texts = task.train_prompts(batch_size, seed=0)
+    return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def count_tokens(rows) -> int:
+    return sum(int(r.numel()) for r in rows)
+
+
+def time_grpc(stub, prompts, sampling: policy_pb2.SamplingParams) -> tuple[float, int]:
+    request = policy_pb2.GenerateRequest(prompt_tokens=codec.ragged_to_pb(prompts, torch.int32), sampling=sampling)
+    start = time.perf_counter()
+    reply = stub.Generate(request, timeout=600)
+    seconds = time.perf_counter() - start
+    return seconds, count_tokens(codec.ragged_from_pb(reply.response_tokens, "response_tokens"))
+
+
+def time_local(model, prompts, s: Sampling, pad_id: int, eos_id: int) -> tuple[float, int]:
+    config = generation_config(s, pad_id, eos_id)
+    config.return_dict_in_generate, config.output_logits = False, False
+    start = time.perf_counter()
+    ids, mask = left_pad(prompts, pad_id)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    new = out[:, ids.shape[1]:]
+    seconds = time.perf_counter() - start
+    # tokens up to and including the first eos, as the service counts them
+    tokens = sum(int((row == eos_id).nonzero()[0]) + 1 if (row == eos_id).any() else row.numel() for row in new)
+    return seconds, tokens
+
+
+def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: int, temperature: float, as_json: bool):
+    """Print grpc tokens/s, in-process tokens/s and their ratio (one JSON object with --json)."""
+    threads = torch.get_num_threads()
+    work = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
+    model_path = model_path or str(bench_model(work))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    prompts = prompt_rows(tokenizer, batch_size)
+    sampling = policy_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=1)
+    local_sampling = Sampling(temperature, max_new_tokens, seed=1)
+    config = {"policy": {"model": {"path": model_path}, "server": {"num_threads": threads}}}
+    with LocalMesh(work / "services", config) as mesh:
+        channel = grpc.insecure_channel(mesh.endpoints["policy"], options=GRPC_OPTIONS)
+        grpc.channel_ready_future(channel).result(timeout=300)
+        stub = policy_pb2_grpc.PolicyServiceStub(channel)
+        _wait_serving(channel)
+        time_grpc(stub, prompts, sampling)  # warm-up both sides
+        time_local(model, prompts, local_sampling, pad_id, tokenizer.eos_token_id)
+        grpc_runs, local_runs = [], []
+        for _ in range(repeats):  # alternate so that noise hits both sides alike
+            grpc_runs.append(time_grpc(stub, prompts, sampling))
+            local_runs.append(time_local(model, prompts, local_sampling, pad_id, tokenizer.eos_token_id))
+    grpc_tps = sum(t for _, t in grpc_runs) / sum(s for s, _ in grpc_runs)
+    local_tps = sum(t for _, t in local_runs) / sum(s for s, _ in local_runs)
+    result = {"grpc_tokens_per_s": grpc_tps, "inprocess_tokens_per_s": local_tps, "ratio": grpc_tps / local_tps,
+              "model": model_path, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+              "temperature": temperature, "repeats": repeats, "threads": threads}
+    if as_json:
+        print(json.dumps(result))
+    else:
+        print(f"Policy.Generate over gRPC : {grpc_tps:10.1f} tokens/s")
+        print(f"in-process model.generate : {local_tps:10.1f} tokens/s")
+        print(f"ratio (gRPC / in-process) : {grpc_tps / local_tps:10.3f}")
+    return result
+
+
+def _wait_serving(channel, timeout: float = 300) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        time.sleep(0.5)
+    raise TimeoutError("policy service did not become ready")

@@ -1,0 +1,77 @@
+"""The four model services as local processes on loopback ports (demo, tests, benchmarks)."""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import yaml
+
+ROLES = ("policy", "reference", "reward", "value")
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalMesh:
+    """Writes one YAML per service, starts `rlhf serve ROLE` for each, stops them with SIGTERM."""
+
+    def __init__(self, workdir: str | pathlib.Path, configs: dict[str, dict]):
+        self.workdir = pathlib.Path(workdir)
+        self.configs = configs
+        self.ports = {role: free_port() for role in configs}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """role -> 127.0.0.1:port."""
+        return {role: f"127.0.0.1:{port}" for role, port in self.ports.items()}
+
+    def start(self) -> "LocalMesh":
+        """Start every service process (they load their weights in the background)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for role, cfg in self.configs.items():
+            cfg = dict(cfg, role=role)
+            cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[role])
+            path = self.workdir / f"{role}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            log = open(self.workdir / f"{role}.log", "w")
+            command = [sys.executable, "-m", "controller.cli", "serve", role, "--config", str(path)]
+            self.processes[role] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError naming a service process that exited, with its log's tail."""
+        for role, proc in self.processes.items():
+            if proc.poll() is not None:
+                tail = (self.workdir / f"{role}.log").read_text().splitlines()[-15:]
+                raise RuntimeError(f"{role} service exited with code {proc.returncode}:\n" + "\n".join(tail))
+
+    def stop(self, timeout: float = 30.0) -> dict[str, int]:
+        """SIGTERM every service, wait for the drain, return exit codes."""
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {}
+        deadline = time.monotonic() + timeout
+        for role, proc in self.processes.items():
+            try:
+                codes[role] = proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[role] = proc.wait()
+        return codes
+
+    def __enter__(self) -> "LocalMesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

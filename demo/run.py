@@ -1,0 +1,158 @@
+"""`rlhf demo`: the three InstructGPT steps on a tiny model, four services on loopback.
+
+Step 1 SFT and step 2 reward-model training run in this process; step 3 runs
+the policy, reference, reward and value services as separate processes and
+drives PPO with the controller. The hidden gold function judges greedy
+responses to held-out prompts before and after PPO.
+"""
+
+import asyncio
+import json
+import logging
+import pathlib
+import shutil
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from controller.clients import ServiceClients
+from controller.config import ControllerConfig
+from controller.local import LocalMesh
+from controller.service import run_controller
+from demo import task, tiny
+from demo.report import write_curves, write_report
+from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2
+from services import codec
+from training.reward_model import train_reward_model
+from training.sft import train_sft
+
+log = logging.getLogger("demo")
+
+
+@dataclass
+class DemoSettings:
+    """Sizes and hyperparameters of the embedded default."""
+
+    sft_examples: int = 4000
+    sft_epochs: int = 2
+    rm_pairs: int = 3000
+    rm_eval_pairs: int = 500
+    rm_epochs: int = 2
+    eval_prompts: int = 64
+    ppo_steps: int = 60
+    batch_size: int = 64
+    minibatch_size: int = 16
+    ppo_epochs: int = 4
+    max_new_tokens: int = 24
+    policy_lr: float = 3e-4
+    value_lr: float = 5e-4
+    kl_coef: float = 0.02
+    threads_per_service: int = 1
+
+
+def build_models(out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
+    """Steps 0-2: tokenizer + tiny LM, SFT, reward model. Returns paths and RM stats."""
+    print("[0/3] building a tokenizer and a tiny GPT-2 locally (nothing is downloaded)", flush=True)
+    torch.manual_seed(seed)
+    tokenizer = tiny.build_tokenizer(task.corpus_texts(seed), out / "tokenizer")
+    base = tiny.build_tiny_lm(tokenizer, out / "base", seed=seed)
+    print(f"[1/3] supervised fine-tuning on {s.sft_examples} demonstrations", flush=True)
+    sft = train_sft(base, task.sft_examples(s.sft_examples, seed), out / "sft", epochs=s.sft_epochs, seed=seed)
+    print(f"      SFT response loss {sft['first_loss']:.3f} -> {sft['loss']:.3f} in {sft['seconds']:.0f}s", flush=True)
+    print(f"[2/3] reward model on {s.rm_pairs} comparisons labelled by the hidden gold function", flush=True)
+    pairs = task.preference_pairs(s.rm_pairs + s.rm_eval_pairs, seed + 1)
+    rm = train_reward_model(out / "sft", pairs[: s.rm_pairs], out / "rm", epochs=s.rm_epochs, seed=seed,
+                            eval_pairs=pairs[s.rm_pairs :])
+    print(f"      held-out pair accuracy {rm['eval_accuracy']:.3f} in {rm['seconds']:.0f}s", flush=True)
+    return {"sft": out / "sft", "rm": out / "rm", "rm_pair_accuracy": rm["eval_accuracy"], "sft_stats": sft, "rm_stats": rm}
+
+
+def service_configs(paths: dict, out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
+    """One config per service: policy/reference from SFT, reward and value from the RM."""
+    models = {"policy": paths["sft"], "reference": paths["sft"], "reward": paths["rm"], "value": paths["rm"]}
+    lrs = {"policy": s.policy_lr, "value": s.value_lr}
+    configs = {}
+    for role, path in models.items():
+        server = {"num_threads": s.threads_per_service, "checkpoint_dir": str(out / "checkpoints" / role), "seed": seed}
+        configs[role] = {"model": {"path": str(path)}, "server": server}
+        if role in lrs:
+            configs[role]["training"] = {"learning_rate": lrs[role], "micro_batch_size": s.minibatch_size}
+    return configs
+
+
+async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> dict:
+    """Greedy responses to `prompts`, their gold scores and RM scores."""
+    sampling = policy_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    reply = await clients.call(clients.policy.Generate, policy_pb2.GenerateRequest(
+        prompt_texts=tensor_pb2.TextBatch(texts=prompts), sampling=sampling))
+    responses = list(reply.response_texts)
+    scored = await clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
+        texts=reward_pb2.TextPairs(prompts=prompts, responses=responses)))
+    gold = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+    rewards = codec.tensor_from_pb(scored.scores, "scores")
+    return {"responses": responses, "gold": sum(gold) / len(gold), "reward": float(rewards.mean()),
+            "gold_each": gold}
+
+
+def controller_config(endpoints: dict, out: pathlib.Path, s: DemoSettings, seed: int) -> ControllerConfig:
+    """The controller's PPO settings for the demo."""
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in task.train_prompts(2000, seed)) + "\n")
+    return ControllerConfig.model_validate({
+        "run_id": f"demo-{seed}", "services": endpoints, "data": {"prompts": str(prompts)},
+        "server": {"host": "127.0.0.1", "port": 0}, "output_dir": str(out), "seed": seed,
+        "ppo": {"total_steps": s.ppo_steps, "batch_size": s.batch_size, "minibatch_size": s.minibatch_size,
+                "ppo_epochs": s.ppo_epochs, "max_new_tokens": s.max_new_tokens, "kl_coef": s.kl_coef},
+    })
+
+
+async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
+    """Step 3: greedy eval, PPO through the services, greedy eval again."""
+    from tqdm import tqdm
+
+    clients = ServiceClients(mesh.endpoints)
+    await clients.wait_ready(600)
+    heldout = task.heldout_prompts(s.eval_prompts, seed)
+    before = await greedy_eval(clients, heldout, s.max_new_tokens)
+    print(f"      before PPO: gold {before['gold']:.3f}, reward {before['reward']:.3f}", flush=True)
+    curve = []
+    bar = tqdm(total=s.ppo_steps, desc="PPO", unit="step")
+
+    def on_step(result):
+        mesh.check_alive()
+        gold = [task.gold_score(p, r) for p, r in zip(result.experience.prompts, result.experience.responses)]
+        st = result.stats
+        curve.append({"step": result.step + 1, "reward": st["reward/mean"], "kl": st["objective/kl"],
+                      "gold": sum(gold) / len(gold), "policy_loss": st["policy/loss"], "value_loss": st["value/loss"],
+                      "response_length": st["response/length"]})
+        bar.set_postfix(reward=f"{st['reward/mean']:.2f}", kl=f"{st['objective/kl']:.2f}", gold=f"{curve[-1]['gold']:.2f}")
+        bar.update(1)
+
+    cfg = controller_config(mesh.endpoints, out, s, seed)
+    try:
+        runner = await run_controller(cfg, on_step)
+    finally:
+        bar.close()
+    after = await greedy_eval(clients, heldout, s.max_new_tokens)
+    await clients.close()
+    return {"heldout": heldout, "before": before, "after": after, "curve": curve, "stats": runner.last_stats}
+
+
+def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0) -> dict:
+    """Run all three steps and write report.json, curves.png and samples.md under out_dir."""
+    start = time.monotonic()
+    out = pathlib.Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    s = DemoSettings(ppo_steps=steps or DemoSettings.ppo_steps)
+    paths = build_models(out, s, seed)
+    print(f"[3/3] PPO: starting policy, reference, reward and value services on 127.0.0.1", flush=True)
+    with LocalMesh(out / "services", service_configs(paths, out, s, seed)) as mesh:
+        print("      " + ", ".join(f"{r} {a}" for r, a in mesh.endpoints.items()), flush=True)
+        ppo = asyncio.run(ppo_phase(mesh, out, s, seed))
+    report = write_report(out, paths, ppo, s, time.monotonic() - start)
+    write_curves(out / "curves.png", ppo["curve"])
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+    return report

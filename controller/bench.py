@@ -5,6 +5,7 @@ sampling settings and thread count, and are timed alternately in one run so
 that machine noise hits both alike. The figure is tokens generated per second.
 """
 
+import asyncio
 import json
 import pathlib
 import tempfile
@@ -98,16 +99,3 @@ def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: in
         print(f"in-process model.generate : {local_tps:10.1f} tokens/s")
         print(f"ratio (gRPC / in-process) : {grpc_tps / local_tps:10.3f}")
     return result
-
-
-def _wait_serving(channel, timeout: float = 300) -> None:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(channel)
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
-        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-            return
-        time.sleep(0.5)
-    raise TimeoutError("policy service did not become ready")

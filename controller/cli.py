@@ -75,7 +75,8 @@ def serve(
 @app.command()
 def controller(
     config: str = typer.Option(..., "--config", "-c", help="Controller YAML"),
-    steps: int = typer.Option(None, help="Override ppo.total_steps"),
+    steps: int = typer.Option(None, help="Override the algorithm's total_steps"),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed data rows instead of stopping"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Drive PPO across running policy, reference, reward and value services."""
@@ -90,17 +91,19 @@ def controller(
     except ConfigError as error:
         fail(str(error))
     if steps is not None:
-        cfg.ppo.total_steps = steps
+        cfg.ppo.total_steps = cfg.dpo.total_steps = steps
+    cfg.data.skip_bad_rows = cfg.data.skip_bad_rows or skip_bad_rows
+
+    keys = ("reward/mean", "objective/kl", "policy/loss", "value/loss", "dpo/loss", "dpo/reward_accuracy",
+            "eval/rm_accuracy")
 
     def report(result):
-        s = result.stats
-        logging.getLogger("controller").info(
-            "step %d/%d reward %.3f kl %.3f policy_loss %.4f value_loss %.4f",
-            result.step + 1, cfg.ppo.total_steps, s["reward/mean"], s["objective/kl"], s["policy/loss"], s["value/loss"])
+        shown = " ".join(f"{k} {result.stats[k]:.4f}" for k in keys if k in result.stats)
+        logging.getLogger("controller").info("step %d/%d %s", result.step + 1, cfg.total_steps(), shown)
 
     try:
         asyncio.run(run_controller(cfg, report))
-    except (TokenizerMismatch, TimeoutError, ValueError) as error:
+    except (TokenizerMismatch, TimeoutError, ValueError, OSError) as error:
         fail(str(error))
 
 
@@ -119,6 +122,32 @@ def score(
     except RuntimeError as error:
         fail(str(error), 1)
     typer.echo(f"{value:.6f}")
+
+
+@app.command("eval-rm")
+def eval_rm(
+    target: str = typer.Option(..., help="RewardService address, HOST:PORT"),
+    data: str = typer.Option(..., help="Preference pairs: .jsonl/.jsonl.gz/.json/.parquet file or hub id"),
+    against: str = typer.Option(None, help="A second RewardService to compare with on the same pairs"),
+    json_out: str = typer.Option(None, "--json", help="Also write the full result as JSON to this file"),
+    examples: int = typer.Option(3, help="Pairs to show as prompt / good answer / bad answer"),
+    limit: int = typer.Option(None, help="Use at most this many pairs"),
+    chunk: int = typer.Option(64, help="Pairs per streamed Compare message"),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed rows instead of stopping"),
+):
+    """Reward-model comparison evaluation: accuracy, margins, score distributions, calibration."""
+    import json as json_module
+
+    from controller.evaluation import eval_rm as run
+
+    try:
+        result, text = run(target, data, against, examples, chunk, skip_bad_rows, limit)
+    except (RuntimeError, ValueError) as error:
+        fail(str(error), 1)
+    typer.echo(text)
+    if json_out:
+        with open(json_out, "w") as handle:
+            json_module.dump(result, handle, indent=2)
 
 
 @app.command()

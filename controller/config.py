@@ -52,11 +52,32 @@ class PPOConfig(Strict):
         return self
 
 
-class DataConfig(Strict):
-    """Where prompts (and PPO-ptx text) come from."""
+class DPOConfig(Strict):
+    """DPO hyperparameters (Rafailov et al. 2023; names as in TRL)."""
 
-    prompts: str = Field(description="Prompt file: .jsonl with a `prompt` field, or .txt with one prompt per line")
+    total_steps: int = Field(100, ge=1, description="DPO optimizer steps (one Policy.Train each)")
+    batch_size: int = Field(16, ge=1, description="Preference pairs per step")
+    beta: float = Field(0.1, gt=0, description="DPO temperature beta")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability of a flipped label (cDPO)")
+    micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward in the policy; 0 = its default")
+
+
+class EvaluationConfig(Strict):
+    """Reward-model comparison evaluations on held-out pairs during training."""
+
+    pairs: str | None = Field(None, description="Held-out preference pairs (any layout training.datasets reads)")
+    every: int = Field(10, ge=1, description="Evaluate after every N training steps (and after the last)")
+    max_pairs: int = Field(1000, ge=1, description="Use at most this many pairs")
+    chunk: int = Field(64, ge=1, description="Pairs per Compare request")
+
+
+class DataConfig(Strict):
+    """Where prompts, preference pairs and PPO-ptx text come from."""
+
+    prompts: str | None = Field(None, description="PPO prompts: a file or hub id training.datasets reads (.jsonl/.txt...)")
+    pairs: str | None = Field(None, description="DPO preference pairs: a file or hub id training.datasets reads")
     ptx: str | None = Field(None, description="Pretraining text for PPO-ptx: .jsonl with `text`, or .txt")
+    skip_bad_rows: bool = Field(False, description="Count and skip malformed rows instead of stopping")
 
 
 class ControllerServerConfig(Strict):
@@ -70,9 +91,11 @@ class ControllerConfig(Strict):
     """Everything the controller reads."""
 
     run_id: str | None = Field(None, description="Names the run in idempotency keys; default: a fresh id")
-    algorithm: Literal["ppo"] = Field("ppo", description="Training algorithm")
+    algorithm: Literal["ppo", "dpo"] = Field("ppo", description="ppo (four services) or dpo (policy + reference)")
     services: Endpoints = Endpoints()
     ppo: PPOConfig = PPOConfig()
+    dpo: DPOConfig = DPOConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     data: DataConfig
     server: ControllerServerConfig = ControllerServerConfig()
     output_dir: str = Field("runs/ppo", description="Where stats.jsonl goes")
@@ -81,6 +104,24 @@ class ControllerConfig(Strict):
     rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with UNAVAILABLE or RESOURCE_EXHAUSTED")
     ready_timeout_seconds: float = Field(600.0, gt=0, description="How long to wait for the services to report SERVING")
     seed: int = Field(0, description="Seed for prompt order and minibatch shuffling")
+
+
+    @model_validator(mode="after")
+    def _data_for_algorithm(self):
+        needed = "prompts" if self.algorithm == "ppo" else "pairs"
+        if getattr(self.data, needed) is None:
+            raise ValueError(f"algorithm {self.algorithm} needs data.{needed}")
+        return self
+
+    def total_steps(self) -> int:
+        """Training steps of the configured algorithm."""
+        return self.ppo.total_steps if self.algorithm == "ppo" else self.dpo.total_steps
+
+    def roles(self) -> tuple[str, ...]:
+        """The services this run talks to."""
+        if self.algorithm == "ppo":
+            return ("policy", "reference", "reward", "value")
+        return ("policy", "reference", "reward") if self.evaluation.pairs else ("policy", "reference")
 
 
 def load_controller_config(path: str | pathlib.Path) -> ControllerConfig:

@@ -1,5 +1,7 @@
 """The four model services as local processes on loopback ports (demo, tests, benchmarks)."""
 
+import asyncio
+import contextlib
 import os
 import pathlib
 import signal
@@ -8,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import grpc
 import yaml
 
 ROLES = ("policy", "reference", "reward", "value")
+DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def free_port() -> int:
@@ -38,6 +42,8 @@ class LocalMesh:
         """Start every service process (they load their weights in the background)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name in DISTRIBUTED_ENV:  # each service forms its own torch.distributed world
+            env.pop(name, None)
         for role, cfg in self.configs.items():
             cfg = dict(cfg, role=role)
             cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[role])
@@ -54,6 +60,27 @@ class LocalMesh:
             if proc.poll() is not None:
                 tail = (self.workdir / f"{role}.log").read_text().splitlines()[-15:]
                 raise RuntimeError(f"{role} service exited with code {proc.returncode}:\n" + "\n".join(tail))
+
+    async def wait_ready(self, timeout: float = 600.0) -> None:
+        """Wait until every service reports SERVING; fail at once if one exits."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        end = time.monotonic() + timeout
+        async with contextlib.AsyncExitStack() as stack:
+            channels = {r: await stack.enter_async_context(grpc.aio.insecure_channel(a)) for r, a in self.endpoints.items()}
+            pending = set(channels)
+            while pending:
+                self.check_alive()
+                for role in list(pending):
+                    try:
+                        reply = await health_pb2_grpc.HealthStub(channels[role]).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                            pending.discard(role)
+                    except grpc.aio.AioRpcError:
+                        pass
+                if pending and time.monotonic() > end:
+                    raise TimeoutError(f"{', '.join(sorted(pending))} not ready after {timeout:.0f}s")
+                await asyncio.sleep(0.3)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM every service, wait for the drain, return exit codes."""

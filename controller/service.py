@@ -1,9 +1,10 @@
-"""The controller process: ControllerService.Status plus the PPO run it reports on."""
+"""The controller process: ControllerService (Status, Evaluate) plus the run it reports on."""
 
 import asyncio
 import json
 import logging
 import pathlib
+import time
 from typing import Callable
 
 import grpc
@@ -13,29 +14,51 @@ from grpc_reflection.v1alpha import reflection
 from controller.clients import ServiceClients, check_shared_tokenizer
 from controller.config import ControllerConfig
 from controller.data import read_texts
+from controller.dpo import DPORunner
+from controller.evaluation import Pair, compare_async, summarize
 from controller.loop import PPORunner, StepResult
 from rlhf.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2
-from services.errors import ErrorInterceptor
+from services.errors import ErrorInterceptor, NotReady
 
 log = logging.getLogger(__name__)
 
 
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
-    """Reports the run's state; the run itself is driven by `run_controller`."""
+    """Reports the run's state and runs reward-model comparison evaluations."""
 
-    def __init__(self, cfg: ControllerConfig):
+    def __init__(self, cfg: ControllerConfig, eval_pairs: list[Pair] | None = None):
         self.cfg = cfg
         self.state = "starting"
         self.error = ""
-        self.runner: PPORunner | None = None
+        self.runner: PPORunner | DPORunner | None = None
+        self.clients: ServiceClients | None = None
+        self.eval_pairs = eval_pairs or []
+        self.last_evaluation: controller_pb2.EvaluateResponse | None = None
+
+    async def evaluate(self) -> controller_pb2.EvaluateResponse:
+        """Score the held-out pairs with the reward service; keep the result for Status."""
+        if not self.eval_pairs:
+            raise NotReady("no evaluation.pairs configured")
+        if self.clients is None or "reward" not in self.clients.stubs:
+            raise NotReady("the controller is not connected to a reward service yet")
+        start = time.perf_counter()
+        chosen, rejected = await compare_async(self.clients.reward, self.eval_pairs, self.cfg.evaluation.chunk)
+        s = summarize(chosen, rejected)
+        self.last_evaluation = controller_pb2.EvaluateResponse(
+            accuracy=s["accuracy"], mean_margin=s["mean_margin"], ece=s["ece"], pairs=s["pairs"],
+            step=self.runner.step_count if self.runner else 0, seconds=time.perf_counter() - start)
+        return self.last_evaluation
+
+    async def Evaluate(self, request, context):
+        return await self.evaluate()
 
     async def Status(self, request, context):
         r = self.runner
         stats = {k: float(v) for k, v in (r.last_stats if r else {}).items() if isinstance(v, (int, float))}
         return controller_pb2.StatusResponse(
             run_id=r.run_id if r else "", state=self.state, step=r.step_count if r else 0,
-            total_steps=self.cfg.ppo.total_steps, policy_version=r.policy_version if r else 0,
-            stats=stats, error=self.error, algorithm=self.cfg.algorithm,
+            total_steps=self.cfg.total_steps(), policy_version=r.policy_version if r else 0,
+            stats=stats, error=self.error, algorithm=self.cfg.algorithm, last_evaluation=self.last_evaluation,
         )
 
 
@@ -48,49 +71,84 @@ async def start_controller_server(servicer: ControllerServicer):
     names = ("rlhf.v1.ControllerService", health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(f"{servicer.cfg.server.host}:{servicer.cfg.server.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {servicer.cfg.server.host}:{servicer.cfg.server.port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, port
 
 
 async def connect(cfg: ControllerConfig) -> ServiceClients:
-    """Clients of the four services, once all report SERVING and share a tokenizer."""
-    clients = ServiceClients(cfg.services.model_dump(), cfg.rpc_timeout_seconds, cfg.rpc_retries)
+    """Clients of the run's services, once all report SERVING and share a tokenizer."""
+    endpoints = {role: addr for role, addr in cfg.services.model_dump().items() if role in cfg.roles()}
+    clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries)
     await clients.wait_ready(cfg.ready_timeout_seconds)
     check_shared_tokenizer(await clients.infos())
     return clients
 
 
 async def save_final(clients: ServiceClients, path: str) -> dict[str, str]:
-    """SaveCheckpoint on policy and value; returns where each wrote."""
+    """SaveCheckpoint on the trainable services; returns where each wrote."""
     request = tensor_pb2.SaveCheckpointRequest(path=path)
-    policy, value = await asyncio.gather(
-        clients.call(clients.policy.SaveCheckpoint, request), clients.call(clients.value.SaveCheckpoint, request)
-    )
-    return {"policy": policy.path, "value": value.path}
+    roles = [r for r in ("policy", "value") if r in clients.stubs]
+    replies = await asyncio.gather(*(clients.call(clients.stubs[r].SaveCheckpoint, request) for r in roles))
+    return {role: reply.path for role, reply in zip(roles, replies)}
 
 
-async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], None] | None = None) -> PPORunner:
-    """Serve Status, connect, run cfg.ppo.total_steps iterations, write stats.jsonl, checkpoint."""
-    servicer = ControllerServicer(cfg)
+def load_data(cfg: ControllerConfig) -> dict:
+    """Prompts (PPO), pairs (DPO), held-out evaluation pairs and PPO-ptx text, per the config."""
+    from training.datasets import load_pairs, load_prompts, to_pairs
+
+    skip = cfg.data.skip_bad_rows
+
+    def pairs(source):
+        records, report = load_pairs(source, skip_bad_rows=skip)
+        log.info("%s", report.summary())
+        return [Pair(p.prompt, p.chosen, p.rejected) for p in to_pairs(records)]
+
+    data: dict = {"ptx": read_texts(cfg.data.ptx, "text") if cfg.data.ptx else None, "eval_pairs": []}
+    if cfg.data.prompts:
+        data["prompts"], report = load_prompts(cfg.data.prompts, skip_bad_rows=skip)
+        log.info("%s", report.summary())
+    if cfg.data.pairs:
+        data["pairs"] = pairs(cfg.data.pairs)
+    if cfg.evaluation.pairs:
+        data["eval_pairs"] = pairs(cfg.evaluation.pairs)[: cfg.evaluation.max_pairs]
+    return data
+
+
+async def _train(cfg: ControllerConfig, servicer: ControllerServicer, runner, on_step) -> None:
+    out = pathlib.Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = cfg.total_steps()
+    with open(out / "stats.jsonl", "a") as stats_file:
+        for _ in range(total):
+            result: StepResult = await runner.step()
+            if servicer.eval_pairs and (runner.step_count % cfg.evaluation.every == 0 or runner.step_count == total):
+                e = await servicer.evaluate()
+                result.stats.update({"eval/rm_accuracy": e.accuracy, "eval/rm_mean_margin": e.mean_margin,
+                                     "eval/rm_ece": e.ece})
+            stats_file.write(json.dumps(result.stats) + "\n")
+            stats_file.flush()
+            if on_step:
+                on_step(result)
+
+
+async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], None] | None = None):
+    """Serve Status/Evaluate, connect, run the configured algorithm, write stats.jsonl, checkpoint."""
+    data = load_data(cfg)
+    servicer = ControllerServicer(cfg, data["eval_pairs"])
     server, port = await start_controller_server(servicer)
     log.info("controller listening on %s:%d", cfg.server.host, port)
-    clients = None
     try:
-        prompts = read_texts(cfg.data.prompts, "prompt")
-        ptx = read_texts(cfg.data.ptx, "text") if cfg.data.ptx else None
-        clients = await connect(cfg)
-        runner = servicer.runner = PPORunner(cfg, clients, prompts, ptx)
+        clients = servicer.clients = await connect(cfg)
+        if cfg.algorithm == "ppo":
+            runner = PPORunner(cfg, clients, data["prompts"], data["ptx"])
+        else:
+            runner = DPORunner(cfg, clients, data["pairs"])
+        servicer.runner = runner
         servicer.state = "running"
-        out = pathlib.Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "stats.jsonl", "a") as stats_file:
-            for _ in range(cfg.ppo.total_steps):
-                result = await runner.step()
-                stats_file.write(json.dumps(result.stats) + "\n")
-                stats_file.flush()
-                if on_step:
-                    on_step(result)
+        await _train(cfg, servicer, runner, on_step)
         if cfg.save_checkpoint:
             log.info("checkpoints: %s", await save_final(clients, cfg.save_checkpoint))
         servicer.state = "finished"
@@ -99,6 +157,6 @@ async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], 
         servicer.state, servicer.error = "failed", str(error)
         raise
     finally:
-        if clients is not None:
-            await clients.close()
+        if servicer.clients is not None:
+            await servicer.clients.close()
         await server.stop(1)

@@ -81,12 +81,23 @@ def service_configs(paths: dict, out: pathlib.Path, s: DemoSettings, seed: int) 
     return configs
 
 
-async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> dict:
-    """Greedy responses to `prompts`, their gold scores and RM scores."""
+async def greedy_responses(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy responses of the policy service to `prompts`."""
     sampling = policy_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     reply = await clients.call(clients.policy.Generate, policy_pb2.GenerateRequest(
         prompt_texts=tensor_pb2.TextBatch(texts=prompts), sampling=sampling))
-    responses = list(reply.response_texts)
+    return list(reply.response_texts)
+
+
+async def greedy_gold(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> float:
+    """Mean gold score of the policy's greedy responses."""
+    responses = await greedy_responses(clients, prompts, max_new_tokens)
+    return sum(task.gold_score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+
+
+async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> dict:
+    """Greedy responses to `prompts`, their gold scores and RM scores."""
+    responses = await greedy_responses(clients, prompts, max_new_tokens)
     scored = await clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
         texts=reward_pb2.TextPairs(prompts=prompts, responses=responses)))
     gold = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
@@ -111,8 +122,8 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
     """Step 3: greedy eval, PPO through the services, greedy eval again."""
     from tqdm import tqdm
 
+    await mesh.wait_ready(600)
     clients = ServiceClients(mesh.endpoints)
-    await clients.wait_ready(600)
     heldout = task.heldout_prompts(s.eval_prompts, seed)
     before = await greedy_eval(clients, heldout, s.max_new_tokens)
     print(f"      before PPO: gold {before['gold']:.3f}, reward {before['reward']:.3f}", flush=True)

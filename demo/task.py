@@ -5,25 +5,39 @@ Prompts ask for one sentence about a topic for an audience, e.g.
 space-separated words (punctuation is its own word), e.g.
 ``"first , the ocean has waves and coral because it also has fish ."``.
 
-The hidden gold function (the "human") rewards, in [0, 1]:
+The hidden gold function (the "human") scores a response in [0, 1]:
 
 - relevance: distinct words of the PROMPT's topic (up to 3), 0.45;
 - helpfulness: distinct words from `HELPFUL` (up to 2), 0.25;
 - a proper stop: exactly one "." and it is the last word, 0.15;
 - a sensible length (6..16 words), 0.15;
-and multiplies this by (distinct content words / content words) ** 2 and by
-0.5 per word that repeats its predecessor, so repetition is punished, then subtracts 0.15 per distinct word of ANOTHER
-topic. Only pairwise labels drawn from it reach the reward model.
+
+times (distinct content words / content words) ** 2, times 0.5 per word that
+repeats its predecessor (so repeating a token scores near 0), minus 0.15 per
+distinct word of ANOTHER topic. Only pairwise labels drawn from it reach the
+reward model; PPO is judged by it on greedy responses to held-out prompts.
 
 The SFT corpus is mediocre on purpose: its most likely path at every choice
-point is bland ("well , it is really nice and it is good ."; gold 0.3), while
-the helpful and on-topic options are common enough (20-55 %) that sampling
-from the SFT model explores them and PPO can promote them.
+point is bland ("well , it is really nice and it is pretty cool ."; gold 0.3),
+while the helpful and on-topic options are common enough (20-55 %) that
+sampling from the SFT model explores them and PPO can promote them. Each noun
+slot of the grammar draws from its own third of a topic's words (and its own
+filler), so a sharpened policy does not fall into "stuff and stuff" under
+greedy decoding; repeating a word is still possible and still punished.
+
+Comparisons are between two independent responses of a sampler broader than
+the SFT corpus (`PAIR_MIX`: more off-topic nouns, run-ons and degenerate
+repetition), labelled by a Bradley-Terry annotator. Measured with the demo's
+tiny GPT-2, the reward model learns style (helpful words, stop, run-ons,
+repetition within a phrase, topic nouns vs filler) well and prompt relevance
+(which topic) hardly: the reward-hacking gap the demo is meant to show.
 """
 
+import math
 import random
 from dataclasses import dataclass, replace
 
+# Each topic's words, in three slots: "has <0:3> and <3:6> because it also has <6:8>".
 TOPICS: dict[str, tuple[str, ...]] = {
     "ocean": ("waves", "salt", "fish", "tide", "coral", "shells", "whales", "sailors"),
     "forest": ("trees", "leaves", "moss", "deer", "shade", "roots", "pines", "owls"),
@@ -38,8 +52,9 @@ TOPICS: dict[str, tuple[str, ...]] = {
     "farm": ("cows", "barns", "tractors", "hay", "chickens", "fields", "crops", "fences"),
     "mountain": ("peaks", "cliffs", "rocks", "summit", "trails", "glaciers", "altitude", "goats"),
 }
-HELPFUL = ("first", "because", "example", "specifically", "also")
-FILLER_NOUNS = ("things", "stuff", "parts")
+HELPFUL = ("first", "because", "example", "also")
+FILLER_NOUNS = ("things", "stuff", "parts")  # one per slot
+_SLOTS = (slice(0, 3), slice(3, 6), slice(6, 8))
 ADJECTIVES = ("really nice", "very good", "pretty cool", "kind of fine", "okay")
 FUNCTION_WORDS = frozenset("it is the a and has for , . of".split())
 AUDIENCES = ("child", "friend", "student", "tourist", "neighbour", "visitor", "cousin", "reader")
@@ -53,7 +68,7 @@ TEMPLATES = (
     "Praise the {topic} for a {aud} :\n",
 )
 _WORD_TOPIC = {w: t for t, words in TOPICS.items() for w in words}
-_HELDOUT_EVERY = 6  # one prompt in six is held out
+_SPLIT_SEED = 1234  # fixes which prompts are held out (one in six)
 
 
 @dataclass(frozen=True)
@@ -68,31 +83,30 @@ class ResponseMix:
     has_after_it: float = 0.4  # "has <nouns>" after "it" (else "is <adj>")
     noun_topic: float = 0.55  # a noun is a word of the prompt's topic
     noun_other: float = 0.08  # ... of another topic (else a filler noun)
-    noun_repeat: float = 0.0  # a noun copies the previous noun
     and_more: float = 0.45  # continue with "and it is <adj>"
     because: float = 0.22  # continue with "because it also has <noun>"
     ramble: float = 0.10  # end with a run-on "and stuff and stuff" instead of "."
-    degenerate: float = 0.0  # whole response is one word repeated
+    degenerate: float = 0.0  # a repetitive response (one word over and over, or stutters)
 
 
 SFT_MIX = ResponseMix()
 # Annotators compare responses from a broader sampler than the SFT corpus, so
 # the reward model also sees repetition and off-topic words.
-PAIR_MIX = ResponseMix(well=0.3, first=0.3, example=0.08, noun_other=0.15,
-                       noun_repeat=0.0, ramble=0.15, degenerate=0.08)
-INDEP_MIX = PAIR_MIX
+PAIR_MIX = ResponseMix(well=0.3, first=0.3, example=0.08, noun_other=0.15, ramble=0.15,
+                       degenerate=0.08)
 
 
-def _all_prompts() -> list[tuple[int, str]]:
-    """Every (index, prompt) of the task, in a fixed order."""
-    prompts = [t.format(topic=topic, aud=aud) for t in TEMPLATES for topic in TOPICS
-               for aud in AUDIENCES]
-    return list(enumerate(prompts))
+def _all_prompts() -> list[str]:
+    """Every prompt of the task (576), in a fixed order."""
+    return [t.format(topic=topic, aud=aud) for t in TEMPLATES for topic in TOPICS
+            for aud in AUDIENCES]
 
 
 def _pool(heldout: bool) -> list[str]:
     """The train or held-out prompt pool; the two are disjoint by construction."""
-    return [p for i, p in _all_prompts() if ((i * 7 + 3) % _HELDOUT_EVERY == 0) == heldout]
+    prompts = _all_prompts()
+    held = set(random.Random(_SPLIT_SEED).sample(range(len(prompts)), len(prompts) // 6))
+    return [p for i, p in enumerate(prompts) if (i in held) == heldout]
 
 
 def _draw(pool: list[str], n: int, seed: int) -> list[str]:
@@ -120,31 +134,23 @@ def topic_of(prompt: str) -> str:
     return next((w for w in words if w in TOPICS), "")
 
 
-def _noun(rng: random.Random, topic: str, mix: ResponseMix, used: list[str]) -> str:
-    """One noun: of the topic, of another topic, or filler; distinct unless repeated."""
-    if used and rng.random() < mix.noun_repeat:
-        return used[-1]
+def _noun(rng: random.Random, topic: str, mix: ResponseMix, slot: int) -> str:
+    """The noun of a grammar slot (0, 1, 2): of the topic, of another topic, or filler."""
     r = rng.random()
     if r < mix.noun_topic:
-        options = TOPICS[topic]
-    elif r < mix.noun_topic + mix.noun_other:
-        options = tuple(w for t, ws in TOPICS.items() if t != topic for w in ws)
-    else:
-        options = FILLER_NOUNS
-    fresh = [w for w in options if w not in used] or list(options)
-    return rng.choice(fresh)
+        return rng.choice(TOPICS[topic][_SLOTS[slot]])
+    if r < mix.noun_topic + mix.noun_other:
+        other = rng.choice([t for t in TOPICS if t != topic])
+        return rng.choice(TOPICS[other][_SLOTS[slot]])
+    return FILLER_NOUNS[slot]
 
 
-def _clause(rng: random.Random, topic: str, mix: ResponseMix, subject_it: bool,
-            used: list[str]) -> list[str]:
-    """ "is <adjective>" or "has <noun> and <noun>"; nouns are appended to used."""
+def _clause(rng: random.Random, topic: str, mix: ResponseMix, subject_it: bool) -> list[str]:
+    """ "is <adjective>" or "has <noun> and <noun>" after the subject."""
     p_has = mix.has_after_it if subject_it else mix.has_after_topic
     if rng.random() >= p_has:
         return ["is", *rng.choice(ADJECTIVES[:2]).split()]
-    first = _noun(rng, topic, mix, used)
-    second = _noun(rng, topic, mix, used + [first])
-    used += [first, second]
-    return ["has", first, "and", second]
+    return ["has", _noun(rng, topic, mix, 0), "and", _noun(rng, topic, mix, 1)]
 
 
 def _degenerate(rng: random.Random, topic: str, mix: ResponseMix) -> str:
@@ -167,15 +173,14 @@ def sample_response(rng: random.Random, topic: str, mix: ResponseMix = SFT_MIX) 
     opener = (["well", ","] if r < mix.well else ["first", ","] if r < mix.well + mix.first
               else ["for", "example", ","] if r < mix.well + mix.first + mix.example else [])
     subject_it = rng.random() < mix.subject_it
-    used: list[str] = []
     words = opener + (["it"] if subject_it else ["the", topic])
-    words += _clause(rng, topic, mix, subject_it, used)
+    words += _clause(rng, topic, mix, subject_it)
     r = rng.random()
     if r < mix.and_more:
         adjectives = [a for a in ADJECTIVES if a.split()[0] not in words]
         words += ["and", "it", "is", *rng.choice(adjectives).split()]
     elif r < mix.and_more + mix.because:
-        words += ["because", "it", "also", "has", _noun(rng, topic, mix, used)]
+        words += ["because", "it", "also", "has", _noun(rng, topic, mix, 2)]
     tail = ["and", "stuff"] * rng.randint(2, 4) if rng.random() < mix.ramble else ["."]
     return " ".join(words + tail)
 
@@ -206,82 +211,25 @@ def sft_examples(n: int, seed: int) -> list[tuple[str, str]]:
     return [(p, sample_response(rng, topic_of(p))) for p in train_prompts(n, seed)]
 
 
-def _swap_noun(rng: random.Random, topic: str, words: list[str]) -> None:
-    """Replace one noun by a word of another topic (p 0.7), of the topic, or a filler."""
-    nouns = [i for i, w in enumerate(words) if w in _WORD_TOPIC or w in FILLER_NOUNS]
-    others = [w for t, ws in TOPICS.items() if t != topic for w in ws]
-    pool = others if rng.random() < 0.7 else rng.choice((TOPICS[topic], FILLER_NOUNS))
-    words[rng.choice(nouns)] = rng.choice(pool)
-
-
-def _change_topic(rng: random.Random, topic: str, words: list[str]) -> None:
-    """Replace every noun by a word of one other topic (a fluent but irrelevant answer)."""
-    other = TOPICS[rng.choice([t for t in TOPICS if t != topic])]
-    nouns = [i for i, w in enumerate(words) if w in _WORD_TOPIC or w in FILLER_NOUNS]
-    for i, w in zip(nouns, rng.sample(other, len(nouns))):
-        words[i] = w
-
-
-def _swap_opener(rng: random.Random, topic: str, words: list[str]) -> None:
-    """Replace the opener ("well ,", "first ,", "for example ," or none) by another."""
-    cut = words.index(",") + 1 if "," in words[:3] else 0
-    words[:cut] = rng.choice((["well", ","], ["first", ","], ["for", "example", ","], []))
-
-
-def _stutter(rng: random.Random, topic: str, words: list[str]) -> None:
-    """Say one word twice in a row."""
-    i = rng.randrange(len(words))
-    words.insert(i, words[i])
-
-
-def _drop_stop(rng: random.Random, topic: str, words: list[str]) -> None:
-    """Replace the final "." by a run-on."""
-    words[-1:] = ["and", "stuff"] * rng.randint(1, 3) if words[-1] == "." else ["."]
-
-
-_REVISIONS = (_swap_noun,) * 3 + (_change_topic,) * 2 + (_swap_opener, _stutter, _drop_stop)
-
-
-def revise_response(rng: random.Random, topic: str, response: str) -> str:
-    """response with one edit: a noun swapped (3/8), all nouns moved to another
-    topic (2/8), the opener changed, a word stuttered or the stop dropped (1/8
-    each), so that a comparison with the original isolates one property of the
-    gold function."""
-    words = response.split()
-    has_noun = any(w in _WORD_TOPIC or w in FILLER_NOUNS for w in words)
-    edits = [e for e in _REVISIONS if has_noun or e not in (_swap_noun, _change_topic)]
-    rng.choice(edits)(rng, topic, words)
-    return " ".join(words)
-
-
 def preference_pairs(n: int, seed: int, label_temperature: float = 0.05,
-                     min_gap: float = 0.05, revision_rate: float = 0.8
-                     ) -> list[tuple[str, str, str]]:
+                     min_gap: float = 0.05) -> list[tuple[str, str, str]]:
     """n (prompt, chosen, rejected) comparisons labelled by the gold function.
 
-    With probability revision_rate a pair is an SFT-like response and a one-edit
-    revision of it (`revise_response`: each property compared with all else
-    equal, which a tiny reward model needs to learn prompt relevance); otherwise
-    two independent responses from `PAIR_MIX`. The annotator prefers a with
-    Bradley-Terry probability sigmoid((gold_a - gold_b) / label_temperature),
-    so close calls are noisy; pairs with |gold_a - gold_b| < min_gap count as
-    "no clear preference" and are skipped, as annotators' ties are.
+    Two independent responses per prompt come from `PAIR_MIX`; the annotator
+    prefers a with Bradley-Terry probability sigmoid((gold_a - gold_b) /
+    label_temperature), so close calls are noisy, and skips pairs with
+    |gold_a - gold_b| < min_gap as "no clear preference".
     """
     rng = random.Random(seed + 2)
     pairs: list[tuple[str, str, str]] = []
-    prompts = iter(train_prompts(50 * n + 100, seed + 3))
-    while len(pairs) < n:
-        prompt = next(prompts)
-        topic = topic_of(prompt)
-        if rng.random() < revision_rate:
-            a = sample_response(rng, topic, SFT_MIX)
-            b = revise_response(rng, topic, a)
-        else:
-            a, b = (sample_response(rng, topic, INDEP_MIX) for _ in range(2))
+    for prompt in train_prompts(50 * n + 100, seed + 3):
+        if len(pairs) == n:
+            break
+        a, b = (sample_response(rng, topic_of(prompt), PAIR_MIX) for _ in range(2))
         diff = gold_score(prompt, a) - gold_score(prompt, b)
         if abs(diff) < min_gap:
             continue
-        p_a = 1.0 / (1.0 + 2.718281828 ** (-diff / label_temperature))
+        p_a = 1.0 / (1.0 + math.exp(max(-50.0, min(50.0, -diff / label_temperature))))
         pairs.append((prompt, a, b) if rng.random() < p_a else (prompt, b, a))
     return pairs
 
@@ -289,7 +237,7 @@ def preference_pairs(n: int, seed: int, label_temperature: float = 0.05,
 def corpus_texts(seed: int) -> list[str]:
     """Texts to train the tokenizer on: every prompt, sampled responses, the vocabulary."""
     rng = random.Random(seed + 4)
-    prompts = [p for _, p in _all_prompts()]
+    prompts = _all_prompts()
     vocab = [w for t, ws in TOPICS.items() for w in (t, *ws)]
     vocab += [*HELPFUL, *FILLER_NOUNS, *" ".join(ADJECTIVES).split(), *FUNCTION_WORDS, "well"]
     texts = [" ".join(vocab)] * 4 + [f"{w} " + " ".join(vocab) for w in vocab]

@@ -43,24 +43,41 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
-
-        async def guarded(request, context):
-            try:
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:  # noqa: BLE001 - every error becomes a status
-                code = status_for(error)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.exception("%s failed", method)
-                await context.abort(code, str(error) or type(error).__name__)
-
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        serializers = dict(
+            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request, context):
+                try:
+                    return await inner(request, context)
+                except Exception as error:  # noqa: BLE001 - every error becomes a status
+                    await _abort(context, method, error)
+
+            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+        if handler.stream_stream is not None:
+            inner_stream = handler.stream_stream
+
+            async def streaming(request_iterator, context):
+                try:
+                    async for reply in inner_stream(request_iterator, context):
+                        yield reply
+                except Exception as error:  # noqa: BLE001 - every error becomes a status
+                    await _abort(context, method, error)
+
+            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+        return handler
+
+
+async def _abort(context, method: str, error: Exception) -> None:
+    """Abort the RPC with the status the error maps to (AbortError passes through)."""
+    if isinstance(error, grpc.aio.AbortError):
+        raise error
+    code = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    await context.abort(code, str(error) or type(error).__name__)

@@ -17,6 +17,7 @@ from services.idempotency import AppliedSteps, key_from_pb
 from services.inference import Sampling, generate, response_logits, response_logprobs
 from services.models import LoadedModel
 from services.server import ModelServicer, chunks, micro_batch_size
+from training.sft import IGNORE_INDEX, encode_sft_example
 
 
 def check_temperature(value: float, field: str) -> float:
@@ -62,6 +63,37 @@ def ppo_from_pb(pb: policy_pb2.PPOObjective, limits) -> PPOBatch:
         raise InvalidArgument("ppo.entropy_coef", "must be finite")
     temperature = check_temperature(pb.temperature, "ppo.temperature") or 1.0
     return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature)
+
+
+@dataclass
+class DPOBatch:
+    """A decoded DPOObjective: rows 2i (chosen) and 2i+1 (rejected) of pair i."""
+
+    seqs: Sequences
+    reference_logps: torch.Tensor  # (2N,) sum of log pi_ref over each response
+    beta: float
+    label_smoothing: float
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.seqs) // 2
+
+
+def dpo_from_pb(pb: policy_pb2.DPOObjective, limits) -> DPOBatch:
+    """Decode and validate a DPO minibatch."""
+    seqs = Sequences.from_pb(pb.sequences, "dpo.sequences", limits)
+    if len(seqs) % 2:
+        raise InvalidArgument("dpo.sequences", f"{len(seqs)} rows: expected chosen/rejected pairs (an even count)")
+    ref = codec.tensor_from_pb(pb.reference_logps, "dpo.reference_logps", allowed=codec.FLOAT_DTYPES, ndim=1)
+    if ref.shape[0] != len(seqs):
+        raise InvalidArgument("dpo.reference_logps.shape", f"expected ({len(seqs)},), got {tuple(ref.shape)}")
+    if not torch.isfinite(ref).all():
+        raise InvalidArgument("dpo.reference_logps", "contains NaN or infinity")
+    if not (math.isfinite(pb.beta) and pb.beta > 0):
+        raise InvalidArgument("dpo.beta", f"must be > 0, got {pb.beta}")
+    if not 0 <= pb.label_smoothing < 0.5:
+        raise InvalidArgument("dpo.label_smoothing", f"must be in [0, 0.5), got {pb.label_smoothing}")
+    return DPOBatch(seqs, ref.float(), pb.beta, pb.label_smoothing)
 
 
 def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel) -> tuple[list[torch.Tensor], float]:
@@ -201,13 +233,38 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
 
         return [loss_for(idx) for idx in chunks(len(rows), micro)]
 
-    def _train(self, batch: PPOBatch, ptx, micro: int) -> policy_pb2.PolicyTrainResponse:
+    def _dpo_micro_losses(self, batch: DPOBatch, micro: int, stats: dict) -> list:
+        m = self.loaded
+        pairs_per_micro = max(1, micro // 2)
+
+        def loss_for(pair_idx):
+            def fn(engine):
+                rows = [2 * i + side for i in pair_idx for side in (0, 1)]
+                logits, labels, mask = response_logits(engine, batch.seqs.select(rows), m.pad_id, m.device)
+                logps = (ppo.logprobs_from_logits(logits.float(), labels) * mask).sum(1)  # (2b,)
+                ref = batch.reference_logps[rows].to(m.device)
+                loss, chosen, rejected = ppo.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2],
+                                                      batch.beta, batch.label_smoothing)
+                share = len(pair_idx) / batch.n_pairs  # micro-batch losses add up to the minibatch mean
+                stats["policy_loss"] = stats.get("policy_loss", 0.0) + float(loss.detach()) * share
+                stats["reward_accuracy"] = stats.get("reward_accuracy", 0.0) + float((chosen > rejected).float().sum()) / batch.n_pairs
+                stats["reward_margin"] = stats.get("reward_margin", 0.0) + float((chosen - rejected).sum()) / batch.n_pairs
+                return loss * share
+
+            return fn
+
+        return [loss_for(idx) for idx in chunks(batch.n_pairs, pairs_per_micro)]
+
+    def _train(self, batch, ptx, micro: int) -> policy_pb2.PolicyTrainResponse:
         stats: dict[str, float] = {}
-        losses = self._ppo_micro_losses(batch, micro, stats)
+        if isinstance(batch, DPOBatch):
+            losses = self._dpo_micro_losses(batch, micro, stats)
+        else:
+            losses = self._ppo_micro_losses(batch, micro, stats)
         if ptx is not None:
             losses += self._ptx_micro_losses(ptx[0], ptx[1], micro, stats)
         grad_norm = self.trainer.step(losses)
-        entropy_term = batch.entropy_coef * stats["entropy"]
+        entropy_term = getattr(batch, "entropy_coef", 0.0) * stats.get("entropy", 0.0)
         total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
         return policy_pb2.PolicyTrainResponse(
             loss=total, grad_norm=grad_norm, model_version=self.trainer.version,
@@ -218,9 +275,9 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
         m = self.require()
         key = key_from_pb(request.key)
         which = request.WhichOneof("objective")
-        if which != "ppo":
-            raise InvalidArgument("objective", "set ppo" if which is None else f"{which} is not supported by this service")
-        batch = ppo_from_pb(request.ppo, m.limits)
+        if which is None:
+            raise InvalidArgument("objective", "set ppo or dpo")
+        batch = ppo_from_pb(request.ppo, m.limits) if which == "ppo" else dpo_from_pb(request.dpo, m.limits)
         ptx = ptx_from_pb(request.ptx, m) if request.HasField("ptx") else None
         micro = micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
         result, replayed = await self.applied.run(key, lambda: self.on_model_thread(self._train, batch, ptx, micro))
@@ -228,6 +285,23 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
         response.CopyFrom(result)
         response.replayed = replayed
         return response
+
+    async def Tokenize(self, request, context):
+        m = self.require()
+        prompts, responses = list(request.prompts), list(request.responses)
+        if not prompts:
+            raise InvalidArgument("prompts", "empty batch")
+        if len(responses) != len(prompts):
+            raise InvalidArgument("responses", f"{len(responses)} responses for {len(prompts)} prompts")
+        rows, prompt_lengths = [], []
+        for i, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids, labels = encode_sft_example(m.tokenizer, prompt, response, m.limits.max_length)
+            n_prompt = sum(label == IGNORE_INDEX for label in labels)
+            if n_prompt == 0:
+                raise InvalidArgument(f"prompts[{i}]", "empty prompt, or the response fills the model's context")
+            rows.append(torch.tensor(ids, dtype=torch.long))
+            prompt_lengths.append(n_prompt)
+        return Sequences(rows, prompt_lengths).to_pb()
 
     async def SaveCheckpoint(self, request, context):
         m = self.require()

@@ -65,5 +65,33 @@ class RewardServicer(ModelServicer, reward_pb2_grpc.RewardServiceServicer):
         scores = await self.score_rows(self.rows_from_request(request))
         return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)))
 
+    def _pair_rows(self, pairs: reward_pb2.ComparePairs) -> list[torch.Tensor]:
+        """Chosen rows then rejected rows, encoded like Score's text input."""
+        m = self.require()
+        prompts, chosen, rejected = list(pairs.prompts), list(pairs.chosen), list(pairs.rejected)
+        if not prompts:
+            raise InvalidArgument("pairs.prompts", "empty batch")
+        for name, column in (("pairs.chosen", chosen), ("pairs.rejected", rejected)):
+            if len(column) != len(prompts):
+                raise InvalidArgument(name, f"{len(column)} responses for {len(prompts)} prompts")
+        both = reward_pb2.TextPairs(prompts=prompts + prompts, responses=chosen + rejected)
+        return self._text_rows(both, m)
+
+    async def compare(self, request: reward_pb2.CompareRequest) -> reward_pb2.CompareResponse:
+        """Scores of both sides and P(chosen preferred) = sigmoid(chosen - rejected)."""
+        scores = torch.tensor(await self.score_rows(self._pair_rows(request.pairs)), dtype=torch.float32)
+        chosen, rejected = scores.chunk(2)
+        return reward_pb2.CompareResponse(
+            chosen_scores=codec.tensor_to_pb(chosen), rejected_scores=codec.tensor_to_pb(rejected),
+            p_chosen=codec.tensor_to_pb(torch.sigmoid(chosen - rejected)),
+        )
+
+    async def Compare(self, request, context):
+        return await self.compare(request)
+
+    async def CompareStream(self, request_iterator, context):
+        async for request in request_iterator:
+            yield await self.compare(request)
+
 
 add_to_server = reward_pb2_grpc.add_RewardServiceServicer_to_server

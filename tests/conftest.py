@@ -112,3 +112,13 @@ def services(tiny_dirs, tmp_path_factory):
     finally:
         for server in running.values():
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tiny_dirs) -> pathlib.Path:
+    """The tiny LM after a short SFT on the demo's synthetic instructions."""
+    from training.sft import train_sft
+
+    out = tiny_dirs["root"] / "sft"
+    train_sft(tiny_dirs["lm"], task.sft_examples(1500, seed=0), out, epochs=1, seed=0, progress=False)
+    return out

@@ -64,6 +64,7 @@ def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_pa
         "ppo": {"total_steps": 3, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8,
                 "adaptive_kl": True, "kl_target": 1.0},
     })
+    asyncio.run(mesh.wait_ready(300))
     steps, replies, done = [], [], threading.Event()
     poller = threading.Thread(target=poll_status, args=(port, replies, done))
     poller.start()

@@ -39,6 +39,11 @@ class ControllerServiceStub:
                 request_serializer=rlhf_dot_v1_dot_controller__pb2.StatusRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_controller__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/rlhf.v1.ControllerService/Evaluate',
+                request_serializer=rlhf_dot_v1_dot_controller__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_controller__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServiceServicer:
@@ -51,6 +56,13 @@ class ControllerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evaluate(self, request, context):
+        """Run the reward-model comparison evaluation on the held-out pair set now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +70,11 @@ def add_ControllerServiceServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=rlhf_dot_v1_dot_controller__pb2.StatusRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_controller__pb2.StatusResponse.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=rlhf_dot_v1_dot_controller__pb2.EvaluateRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_controller__pb2.EvaluateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +104,33 @@ class ControllerService:
             '/rlhf.v1.ControllerService/Status',
             rlhf_dot_v1_dot_controller__pb2.StatusRequest.SerializeToString,
             rlhf_dot_v1_dot_controller__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.ControllerService/Evaluate',
+            rlhf_dot_v1_dot_controller__pb2.EvaluateRequest.SerializeToString,
+            rlhf_dot_v1_dot_controller__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,

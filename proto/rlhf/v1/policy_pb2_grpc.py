@@ -60,6 +60,11 @@ class PolicyServiceStub:
                 request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/rlhf.v1.PolicyService/Tokenize',
+                request_serializer=rlhf_dot_v1_dot_policy__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.SequenceBatch.FromString,
+                _registered_method=True)
 
 
 class PolicyServiceServicer:
@@ -99,6 +104,14 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Encode (prompt, response) texts the way SFT and DPO train on them:
+        prompt tokens, response tokens, end-of-sequence token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PolicyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +139,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.TokenizeRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.SequenceBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +281,33 @@ class PolicyService:
             '/rlhf.v1.PolicyService/Info',
             rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
             rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/Tokenize',
+            rlhf_dot_v1_dot_policy__pb2.TokenizeRequest.SerializeToString,
+            rlhf_dot_v1_dot_tensor__pb2.SequenceBatch.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,3 +30,31 @@ class ScoreResponse(_message.Message):
     scores: _tensor_pb2.Tensor
     model_version: int
     def __init__(self, scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+
+class ComparePairs(_message.Message):
+    __slots__ = ("prompts", "chosen", "rejected")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    chosen: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ..., chosen: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CompareRequest(_message.Message):
+    __slots__ = ("pairs",)
+    PAIRS_FIELD_NUMBER: _ClassVar[int]
+    pairs: ComparePairs
+    def __init__(self, pairs: _Optional[_Union[ComparePairs, _Mapping]] = ...) -> None: ...
+
+class CompareResponse(_message.Message):
+    __slots__ = ("chosen_scores", "rejected_scores", "p_chosen", "model_version")
+    CHOSEN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_SCORES_FIELD_NUMBER: _ClassVar[int]
+    P_CHOSEN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    chosen_scores: _tensor_pb2.Tensor
+    rejected_scores: _tensor_pb2.Tensor
+    p_chosen: _tensor_pb2.Tensor
+    model_version: int
+    def __init__(self, chosen_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rejected_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., p_chosen: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...

@@ -40,6 +40,16 @@ class RewardServiceStub:
                 request_serializer=rlhf_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.Compare = channel.unary_unary(
+                '/rlhf.v1.RewardService/Compare',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.CompareResponse.FromString,
+                _registered_method=True)
+        self.CompareStream = channel.stream_stream(
+                '/rlhf.v1.RewardService/CompareStream',
+                request_serializer=rlhf_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_reward__pb2.CompareResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.RewardService/Info',
                 request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
@@ -52,6 +62,22 @@ class RewardServiceServicer:
 
     def Score(self, request, context):
         """Score whole sequences; the score is read at the last token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Compare(self, request, context):
+        """Score both responses of each (prompt, chosen, rejected) and give
+        P(chosen preferred) = sigmoid(score_chosen - score_rejected).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompareStream(self, request_iterator, context):
+        """Compare for large sets: each request message is one chunk of pairs and
+        gets one response message, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +96,16 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=rlhf_dot_v1_dot_reward__pb2.ScoreRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_reward__pb2.ScoreResponse.SerializeToString,
+            ),
+            'Compare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Compare,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.CompareRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.CompareResponse.SerializeToString,
+            ),
+            'CompareStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CompareStream,
+                    request_deserializer=rlhf_dot_v1_dot_reward__pb2.CompareRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_reward__pb2.CompareResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -104,6 +140,60 @@ class RewardService:
             '/rlhf.v1.RewardService/Score',
             rlhf_dot_v1_dot_reward__pb2.ScoreRequest.SerializeToString,
             rlhf_dot_v1_dot_reward__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Compare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.RewardService/Compare',
+            rlhf_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.CompareResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rlhf.v1.RewardService/CompareStream',
+            rlhf_dot_v1_dot_reward__pb2.CompareRequest.SerializeToString,
+            rlhf_dot_v1_dot_reward__pb2.CompareResponse.FromString,
             options,
             channel_credentials,
             insecure,

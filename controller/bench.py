@@ -54,6 +54,8 @@ def time_local(model, prompts, s: Sampling, pad_id: int, eos_id: int) -> tuple[f
     config = generation_config(s, pad_id, eos_id)
     config.return_dict_in_generate, config.output_logits = False, False
     start = time.perf_counter()
+    if s.seed:
+        torch.manual_seed(s.seed)  # as the service does: both sides sample the same tokens
     ids, mask = left_pad(prompts, pad_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
@@ -77,10 +79,9 @@ def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: in
     local_sampling = Sampling(temperature, max_new_tokens, seed=1)
     config = {"policy": {"model": {"path": model_path}, "server": {"num_threads": threads}}}
     with LocalMesh(work / "services", config) as mesh:
+        asyncio.run(mesh.wait_ready(300))
         channel = grpc.insecure_channel(mesh.endpoints["policy"], options=GRPC_OPTIONS)
-        grpc.channel_ready_future(channel).result(timeout=300)
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
-        _wait_serving(channel)
         time_grpc(stub, prompts, sampling)  # warm-up both sides
         time_local(model, prompts, local_sampling, pad_id, tokenizer.eos_token_id)
         grpc_runs, local_runs = [], []

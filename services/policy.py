@@ -99,9 +99,10 @@ def dpo_from_pb(pb: policy_pb2.DPOObjective, limits) -> DPOBatch:
 def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel) -> tuple[list[torch.Tensor], float]:
     """Decode PPO-ptx pretraining rows (each >= 2 tokens) and their weight gamma."""
     if pb.WhichOneof("source") == "texts":
+        if not pb.texts.texts:
+            raise InvalidArgument("ptx.texts", "empty batch")
         encoded = m.tokenizer(list(pb.texts.texts), add_special_tokens=False, truncation=True, max_length=m.limits.max_length)
-        rows = [torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]]
-        rows = check_token_rows(rows, "ptx.texts", m.limits) if rows else tokens_from_pb(pb.tokens, "ptx.tokens", m.limits)
+        rows = check_token_rows([torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]], "ptx.texts", m.limits)
     else:
         rows = tokens_from_pb(pb.tokens, "ptx.tokens", m.limits)
     if any(r.numel() < 2 for r in rows):

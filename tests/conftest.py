@@ -32,8 +32,10 @@ def tiny_dirs(tmp_path_factory) -> dict[str, pathlib.Path]:
 class ServerThread:
     """A model service on an ephemeral loopback port, in a background thread with its own event loop."""
 
-    def __init__(self, cfg: ServiceConfig):
+    def __init__(self, cfg: ServiceConfig, gate: threading.Event | None = None):
         self.cfg = cfg
+        self.gate = gate  # when given, loading the weights waits for it
+        self.bound = threading.Event()
         self.servicer_cls, self.add = SERVICES[cfg.role]
         self.servicer = None
         self.port = None
@@ -57,18 +59,24 @@ class ServerThread:
 
         def bound(port):
             self.port = port
+            self.bound.set()
 
         original_load = self.servicer.load
 
         def load_then_signal():
+            if self.gate is not None:
+                self.gate.wait(60)
             original_load()
             self._ready.set()
 
         self.servicer.load = load_then_signal
         await serve(self.servicer, self.add, stop=self._stop, on_bound=bound)
 
-    def start(self, timeout: float = 300) -> "ServerThread":
+    def start(self, timeout: float = 300, wait: bool = True) -> "ServerThread":
         self._thread.start()
+        if not wait:
+            self.bound.wait(timeout)
+            return self
         if not self._ready.wait(timeout) or self._error:
             raise RuntimeError(f"{self.cfg.role} service failed to start: {self._error!r}")
         return self

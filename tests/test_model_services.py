@@ -1,6 +1,7 @@
 """Reference, reward and value services, health, reflection and batching over real gRPC."""
 
 import concurrent.futures
+import time
 
 import grpc
 import pytest
@@ -184,3 +185,30 @@ def test_score_cli_prints_the_service_score(stubs, services):
          "--prompt", prompt, "--response", response], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert abs(float(result.stdout) - float(expected)) < 1e-5
+
+
+def test_health_is_not_serving_and_rpcs_unavailable_until_weights_load(tiny_dirs):
+    import threading
+
+    gate = threading.Event()
+    server = ServerThread(service_config("reward", tiny_dirs["rm"]), gate=gate).start(wait=False)
+    try:
+        channel = server.channel()
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService"), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.Score(score_texts(["p"], ["r"]), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in caught.value.details()
+        gate.set()
+        assert server._ready.wait(60)
+        for _ in range(100):  # SERVING follows the load by one event-loop turn
+            reply = health.Check(health_pb2.HealthCheckRequest(service="rlhf.v1.RewardService"), timeout=10)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            time.sleep(0.05)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        gate.set()
+        server.stop()

@@ -31,6 +31,7 @@ def setup_logging(verbose: bool = False) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -150,19 +151,27 @@ def eval_rm(
             json_module.dump(result, handle, indent=2)
 
 
+from training import commands as training_commands  # noqa: E402 - steps 1 and 2; imports stay lazy
+
+app.command("sft")(training_commands.sft)
+app.command("train-rm")(training_commands.train_rm)
+
+
 @app.command()
 def demo(
     out: str = typer.Option("runs/demo", help="Output directory"),
     steps: int = typer.Option(None, help="PPO iterations (default: the demo's setting)"),
     seed: int = typer.Option(0, help="Seed for data, models and sampling"),
+    metrics: bool = typer.Option(False, "--metrics",
+                                 help="Serve /metrics on ports 9400-9404 and keep them up after the run until Ctrl-C"),
 ):
     """The embedded default: SFT, reward model and PPO on a tiny model, four services on loopback."""
     from demo.run import run_demo
 
     setup_logging()
     try:
-        run_demo(out, steps=steps, seed=seed)
-    except RuntimeError as error:
+        run_demo(out, steps=steps, seed=seed, metrics=metrics)
+    except (RuntimeError, OSError) as error:
         fail(str(error), 1)
 
 
@@ -180,6 +189,23 @@ def bench_generate(
 
     setup_logging()
     run(model, batch_size, max_new_tokens, repeats, temperature, as_json)
+
+
+@bench_app.command("metrics")
+def bench_metrics(
+    model: str = typer.Option(None, help="Reward model directory or hub id (default: the demo's tiny GPT-2 + score head)"),
+    rounds: int = typer.Option(10, help="Timed rounds per side, alternating"),
+    requests: int = typer.Option(200, help="Score requests per round"),
+    pairs: int = typer.Option(4, help="(prompt, response) pairs per request"),
+    concurrency: int = typer.Option(8, help="Requests in flight"),
+    scrape_interval: float = typer.Option(1.0, help="Seconds between scrapes of the instrumented service; 0: none"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Reward.Score throughput with metrics on vs off (metrics_port -1), side by side in alternate rounds."""
+    from controller.bench_metrics import bench_metrics as run
+
+    setup_logging()
+    run(model, rounds, requests, pairs, concurrency, scrape_interval, as_json)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,13 @@ import torch
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig
 from controller.local import LocalMesh
+from controller.metrics import ControllerMetrics
 from controller.service import run_controller
 from demo import task, tiny
 from demo.report import write_curves, write_report
 from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2
 from services import codec
+from services.config import DEFAULT_METRICS_PORTS
 from training.reward_model import train_reward_model
 from training.sft import train_sft
 
@@ -35,7 +37,7 @@ class DemoSettings:
     """Sizes and hyperparameters of the embedded default."""
 
     sft_examples: int = 4000
-    sft_epochs: int = 2
+    sft_epochs: int = 4
     rm_pairs: int = 3000
     rm_eval_pairs: int = 500
     rm_epochs: int = 2
@@ -45,9 +47,9 @@ class DemoSettings:
     minibatch_size: int = 16
     ppo_epochs: int = 4
     max_new_tokens: int = 24
-    policy_lr: float = 3e-4
+    policy_lr: float = 1.5e-4
     value_lr: float = 5e-4
-    kl_coef: float = 0.02
+    kl_coef: float = 0.05
     threads_per_service: int = 1
 
 
@@ -118,7 +120,7 @@ def controller_config(endpoints: dict, out: pathlib.Path, s: DemoSettings, seed:
     })
 
 
-async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
+async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: int, metrics=None) -> dict:
     """Step 3: greedy eval, PPO through the services, greedy eval again."""
     from tqdm import tqdm
 
@@ -142,7 +144,7 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
 
     cfg = controller_config(mesh.endpoints, out, s, seed)
     try:
-        runner = await run_controller(cfg, on_step)
+        runner = await run_controller(cfg, on_step, metrics)
     finally:
         bar.close()
     after = await greedy_eval(clients, heldout, s.max_new_tokens)
@@ -150,8 +152,33 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
     return {"heldout": heldout, "before": before, "after": after, "curve": curve, "stats": runner.last_stats}
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0) -> dict:
-    """Run all three steps and write report.json, curves.png and samples.md under out_dir."""
+def metrics_urls(mesh: LocalMesh, controller_metrics) -> dict[str, str]:
+    """process -> its /metrics URL."""
+    return {"controller": controller_metrics.endpoint.url} | {r: f"http://{a}/metrics" for r, a in mesh.metrics_endpoints.items()}
+
+
+def hold_metrics(mesh: LocalMesh, controller_metrics) -> None:
+    """Keep the services and every /metrics endpoint up until Ctrl-C, printing where they are."""
+    print("metrics endpoints, up until Ctrl-C:", flush=True)
+    for name, url in metrics_urls(mesh, controller_metrics).items():
+        print(f"      {name:<10} {url}", flush=True)
+    print("      prometheus --config.file=monitoring/prometheus/prometheus.yml scrapes them; "
+          "Grafana: import monitoring/grafana/rlhf-mesh.json", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        controller_metrics.close()
+
+
+def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0, metrics: bool = False) -> dict:
+    """Run all three steps and write report.json, curves.png and samples.md under out_dir.
+
+    metrics: serve /metrics on the default ports (controller 9400, services 9401-9404) and keep them
+    up after the run until Ctrl-C.
+    """
     start = time.monotonic()
     out = pathlib.Path(out_dir)
     if out.exists():
@@ -160,10 +187,19 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0
     s = DemoSettings(ppo_steps=steps or DemoSettings.ppo_steps)
     paths = build_models(out, s, seed)
     print(f"[3/3] PPO: starting policy, reference, reward and value services on 127.0.0.1", flush=True)
-    with LocalMesh(out / "services", service_configs(paths, out, s, seed)) as mesh:
+    ports, controller_metrics = None, None
+    if metrics:
+        ports = {role: DEFAULT_METRICS_PORTS[role] for role in ("policy", "reference", "reward", "value")}
+        controller_metrics = ControllerMetrics()
+        controller_metrics.serve("127.0.0.1", DEFAULT_METRICS_PORTS["controller"])
+    with LocalMesh(out / "services", service_configs(paths, out, s, seed), metrics_ports=ports) as mesh:
         print("      " + ", ".join(f"{r} {a}" for r, a in mesh.endpoints.items()), flush=True)
-        ppo = asyncio.run(ppo_phase(mesh, out, s, seed))
-    report = write_report(out, paths, ppo, s, time.monotonic() - start)
-    write_curves(out / "curves.png", ppo["curve"])
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+        if metrics:
+            print("      metrics: " + ", ".join(f"{n} {u}" for n, u in metrics_urls(mesh, controller_metrics).items()))
+        ppo = asyncio.run(ppo_phase(mesh, out, s, seed, controller_metrics))
+        report = write_report(out, paths, ppo, s, time.monotonic() - start)
+        write_curves(out / "curves.png", ppo["curve"])
+        print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (list, dict))}, indent=2))
+        if metrics:
+            hold_metrics(mesh, controller_metrics)
     return report

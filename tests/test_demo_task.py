@@ -20,7 +20,7 @@ BLAND = "well , it is really nice and it is very good ."
 @pytest.fixture(scope="module")
 def lm_dir(tmp_path_factory):
     """A freshly built tokenizer + tiny GPT-2 (random weights)."""
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # small models; one thread is robust on a busy machine
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = tiny.build_tokenizer(task.corpus_texts(0), root / "tokenizer")
     return tiny.build_tiny_lm(tokenizer, root / "lm")
@@ -135,13 +135,19 @@ def test_reward_model_beats_chance_and_reloads_with_the_same_scores(lm_dir, tmp_
     pairs = task.preference_pairs(256, seed=0)
     stats = train_reward_model(lm_dir, pairs, tmp_path, epochs=4, lr=1e-3, batch_size=16,
                                seed=0, eval_pairs=pairs[:64], progress=False)
-    model, tokenizer = load_reward_base(tmp_path)
-    assert isinstance(model, type(AutoModelForSequenceClassification.from_pretrained(tmp_path)))
-    assert model.config.pad_token_id == tokenizer.pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
     assert pair_accuracy(model, tokenizer, pairs) > 0.65
-    prompts, responses = [p for p, _, _ in pairs[:8]], [c for _, c, _ in pairs[:8]]
-    batched = score_texts(model, tokenizer, prompts, responses)
-    one_by_one = torch.cat([score_texts(model, tokenizer, [p], [r])
-                            for p, r in zip(prompts, responses)])
-    assert torch.allclose(batched, one_by_one, atol=1e-5)  # padding does not move the score
+    # Scores computed before saving (eval_accuracy) are reproduced after reloading.
     assert stats["eval_accuracy"] == pytest.approx(pair_accuracy(model, tokenizer, pairs[:64]))
+
+
+def test_reward_score_is_read_at_the_eos_whatever_the_padding(lm_dir):
+    model, tokenizer = load_reward_base(lm_dir)
+    prompts = [OCEAN, "Explain the farm to a friend :\n", OCEAN]
+    responses = [GOOD, "it is okay .", BLAND]
+    batched = score_texts(model, tokenizer, prompts, responses)  # rows padded to the longest
+    alone = torch.cat([score_texts(model, tokenizer, [p], [r]) for p, r in zip(prompts, responses)])
+    assert batched.shape == (3,)
+    assert torch.allclose(batched, alone, atol=1e-5)

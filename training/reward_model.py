@@ -70,7 +70,8 @@ def pair_accuracy(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, pa
     return float((chosen > rejected).float().mean())
 
 
-def load_reward_base(base_dir: str | Path):
+def load_reward_base(base_dir: str | Path
+                     ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer): a one-output sequence classifier on the checkpoint in base_dir.
 
     config.pad_token_id is set from the tokenizer, so the score is read at the

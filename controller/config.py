@@ -85,6 +85,11 @@ class ControllerServerConfig(Strict):
 
     host: str = Field("0.0.0.0", description="Address to listen on")
     port: int = Field(DEFAULT_PORTS["controller"], ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        None, ge=-1, le=65535,
+        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default 9400, "
+        "or a free one when `port` is 0",
+    )
 
 
 class ControllerConfig(Strict):

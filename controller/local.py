@@ -27,11 +27,18 @@ def free_port() -> int:
 class LocalMesh:
     """Writes one YAML per service, starts `rlhf serve ROLE` for each, stops them with SIGTERM."""
 
-    def __init__(self, workdir: str | pathlib.Path, configs: dict[str, dict]):
+    def __init__(self, workdir: str | pathlib.Path, configs: dict[str, dict], metrics_ports: dict[str, int] | None = None):
+        """metrics_ports: role -> /metrics port (0: a free one); other roles serve no metrics."""
         self.workdir = pathlib.Path(workdir)
         self.configs = configs
         self.ports = {role: free_port() for role in configs}
+        self.metrics_ports = {role: port or free_port() for role, port in (metrics_ports or {}).items()}
         self.processes: dict[str, subprocess.Popen] = {}
+
+    @property
+    def metrics_endpoints(self) -> dict[str, str]:
+        """role -> 127.0.0.1:port of its /metrics endpoint."""
+        return {role: f"127.0.0.1:{port}" for role, port in self.metrics_ports.items()}
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -46,7 +53,8 @@ class LocalMesh:
             env.pop(name, None)
         for role, cfg in self.configs.items():
             cfg = dict(cfg, role=role)
-            cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[role])
+            cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[role],
+                                 metrics_port=self.metrics_ports.get(role, -1))
             path = self.workdir / f"{role}.yaml"
             path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             log = open(self.workdir / f"{role}.log", "w")

@@ -10,7 +10,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

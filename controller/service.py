@@ -17,8 +17,10 @@ from controller.data import read_texts
 from controller.dpo import DPORunner
 from controller.evaluation import Pair, compare_async, summarize
 from controller.loop import PPORunner, StepResult
+from controller.metrics import ControllerMetrics
 from rlhf.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2
 from services.errors import ErrorInterceptor, NotReady
+from services.metrics import metrics_port
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ log = logging.getLogger(__name__)
 class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     """Reports the run's state and runs reward-model comparison evaluations."""
 
-    def __init__(self, cfg: ControllerConfig, eval_pairs: list[Pair] | None = None):
+    def __init__(self, cfg: ControllerConfig, eval_pairs: list[Pair] | None = None,
+                 metrics: ControllerMetrics | None = None):
         self.cfg = cfg
+        self.metrics = (metrics or ControllerMetrics()).attach(self)
         self.state = "starting"
         self.error = ""
         self.runner: PPORunner | DPORunner | None = None
@@ -64,7 +68,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
 async def start_controller_server(servicer: ControllerServicer):
     """ControllerService + health + reflection on the configured port; returns (server, port)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server = grpc.aio.server(interceptors=[servicer.metrics.interceptor, ErrorInterceptor()])
     controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -73,6 +77,8 @@ async def start_controller_server(servicer: ControllerServicer):
     port = server.add_insecure_port(f"{servicer.cfg.server.host}:{servicer.cfg.server.port}")
     if port == 0:
         raise OSError(f"cannot listen on {servicer.cfg.server.host}:{servicer.cfg.server.port}")
+    s = servicer.cfg.server
+    servicer.metrics.serve(s.host, metrics_port(s.metrics_port, s.port, "controller"))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     return server, port
@@ -121,6 +127,7 @@ async def _train(cfg: ControllerConfig, servicer: ControllerServicer, runner, on
     out = pathlib.Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     total = cfg.total_steps()
+    servicer.metrics.run_started()
     with open(out / "stats.jsonl", "a") as stats_file:
         for _ in range(total):
             result: StepResult = await runner.step()
@@ -128,16 +135,21 @@ async def _train(cfg: ControllerConfig, servicer: ControllerServicer, runner, on
                 e = await servicer.evaluate()
                 result.stats.update({"eval/rm_accuracy": e.accuracy, "eval/rm_mean_margin": e.mean_margin,
                                      "eval/rm_ece": e.ece})
+            servicer.metrics.observe_step(result.stats)
             stats_file.write(json.dumps(result.stats) + "\n")
             stats_file.flush()
             if on_step:
                 on_step(result)
 
 
-async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], None] | None = None):
-    """Serve Status/Evaluate, connect, run the configured algorithm, write stats.jsonl, checkpoint."""
+async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], None] | None = None,
+                         metrics: ControllerMetrics | None = None):
+    """Serve Status/Evaluate, connect, run the configured algorithm, write stats.jsonl, checkpoint.
+
+    The /metrics endpoint stops at the end unless the caller passed `metrics` (then it is the caller's).
+    """
     data = load_data(cfg)
-    servicer = ControllerServicer(cfg, data["eval_pairs"])
+    servicer = ControllerServicer(cfg, data["eval_pairs"], metrics)
     server, port = await start_controller_server(servicer)
     log.info("controller listening on %s:%d", cfg.server.host, port)
     try:
@@ -160,3 +172,5 @@ async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], 
         if servicer.clients is not None:
             await servicer.clients.close()
         await server.stop(1)
+        if metrics is None:
+            servicer.metrics.close()

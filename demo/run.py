@@ -12,7 +12,7 @@ import logging
 import pathlib
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -186,7 +186,7 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0
     out.mkdir(parents=True)
     s = DemoSettings(ppo_steps=steps or DemoSettings.ppo_steps)
     paths = build_models(out, s, seed)
-    print(f"[3/3] PPO: starting policy, reference, reward and value services on 127.0.0.1", flush=True)
+    print("[3/3] PPO: starting policy, reference, reward and value services on 127.0.0.1", flush=True)
     ports, controller_metrics = None, None
     if metrics:
         ports = {role: DEFAULT_METRICS_PORTS[role] for role in ("policy", "reference", "reward", "value")}

@@ -8,6 +8,7 @@ merged batch on the model thread. A full queue is RESOURCE_EXHAUSTED.
 
 import asyncio
 import collections
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
@@ -38,6 +39,14 @@ class Batcher:
         self._held: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task | None = None
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, tokens) hook for metrics
+        self.on_result: Callable[[list, float], None] | None = None  # (results, seconds) hook, on the model thread
+
+    def _timed_run(self, key: Hashable, items: list[Any]) -> list[Any]:
+        start = time.perf_counter()
+        results = self._run(key, items)
+        if self.on_result:
+            self.on_result(results, time.perf_counter() - start)
+        return results
 
     def depth(self) -> int:
         """Requests waiting, not counting the batch running now."""
@@ -79,7 +88,7 @@ class Batcher:
             if self.on_batch:
                 self.on_batch(len(items), sum(r.tokens for r in group))
             try:
-                results = await loop.run_in_executor(self._executor, self._run, group[0].key, items)
+                results = await loop.run_in_executor(self._executor, self._timed_run, group[0].key, items)
             except Exception as error:  # noqa: BLE001 - every waiter hears of it
                 for r in group:
                     if not r.future.done():

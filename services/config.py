@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 Role = Literal["policy", "reference", "reward", "value"]
 
 DEFAULT_PORTS = {"controller": 50050, "policy": 50051, "reference": 50052, "reward": 50053, "value": 50054}
+DEFAULT_METRICS_PORTS = {"controller": 9400, "policy": 9401, "reference": 9402, "reward": 9403, "value": 9404}
 
 
 class Strict(BaseModel):
@@ -63,6 +64,11 @@ class ServerConfig(Strict):
 
     host: str = Field("0.0.0.0", description="Address to listen on")
     port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
+    metrics_port: int | None = Field(
+        None, ge=-1, le=65535,
+        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default per role "
+        "(9401-9404), or a free one when `port` is 0",
+    )
     grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
     checkpoint_dir: str | None = Field(

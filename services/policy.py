@@ -227,7 +227,7 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
                 logits = engine(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()  # (b, T-1, V)
                 nll = -ppo.logprobs_from_logits(logits, ids[:, 1:]) * mask[:, 1:]
                 loss = nll.sum() / n_tokens  # mean LM loss over every pretraining token
-                stats["ptx_loss"] = stats.get("ptx_loss", 0.0) + float(loss)
+                stats["ptx_loss"] = stats.get("ptx_loss", 0.0) + float(loss.detach())
                 return coef * loss
 
             return fn

@@ -10,6 +10,7 @@ to answer health checks.
 import asyncio
 import logging
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -21,6 +22,7 @@ from rlhf.v1 import tensor_pb2
 from services.batcher import Batcher
 from services.config import ServiceConfig
 from services.errors import ErrorInterceptor, InvalidArgument, NotReady
+from services.metrics import NoMetrics, ServiceMetrics, metrics_for, metrics_port
 from services.models import LOADERS, LoadedModel
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class ModelServicer:
         self.cfg = cfg
         self.loaded: LoadedModel | None = None
         self.draining = False
+        self.metrics: ServiceMetrics | NoMetrics | None = None  # set by build_server
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
 
     def load(self) -> None:
@@ -113,7 +116,9 @@ def micro_batch_size(requested: int, default: int) -> int:
 
 def build_server(servicer: ModelServicer, add_to_server, host: str, port: int):
     """A grpc.aio server with the servicer, health and reflection; returns (server, health, bound port)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
+    servicer.metrics = metrics_for(servicer)
+    # Metrics first: it times the whole call and sees the status that ErrorInterceptor sets.
+    server = grpc.aio.server(interceptors=[*servicer.metrics.interceptors, ErrorInterceptor()], options=GRPC_OPTIONS)
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,6 +135,8 @@ async def set_health(health_servicer, servicer: ModelServicer, serving: bool) ->
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for name in ("", servicer.service_name):
         await health_servicer.set(name, status)
+    if servicer.metrics is not None:
+        servicer.metrics.set_ready(serving)
 
 
 async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | None = None, on_bound=None) -> None:
@@ -140,6 +147,7 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
     cfg = servicer.cfg
     server, health_servicer, port = build_server(servicer, add_to_server, cfg.server.host, cfg.grpc_port())
     await set_health(health_servicer, servicer, serving=False)
+    servicer.metrics.serve(cfg.server.host, metrics_port(cfg.server.metrics_port, cfg.server.port, servicer.role))
     await server.start()
     log.info("%s service listening on %s:%d, loading %s", servicer.role, cfg.server.host, port, cfg.model.path)
     if stop is None:
@@ -149,7 +157,9 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
     if on_bound is not None:
         on_bound(port)
     try:
+        start = time.perf_counter()
         await servicer.on_model_thread(servicer.load)
+        servicer.metrics.model_loaded(servicer, time.perf_counter() - start)
         await set_health(health_servicer, servicer, serving=True)
         log.info("%s service ready (%s on %s)", servicer.role, cfg.model.dtype, cfg.model.device)
         await stop.wait()
@@ -159,4 +169,5 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
         await set_health(health_servicer, servicer, serving=False)
         await server.stop(cfg.server.grace_seconds)
         await servicer.close()
+        servicer.metrics.close()
         servicer.executor.shutdown(wait=True)

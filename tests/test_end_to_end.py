@@ -59,7 +59,7 @@ def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_pa
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in task.train_prompts(32, seed=3)))
     cfg = ControllerConfig.model_validate({
         "run_id": "e2e", "services": mesh.endpoints, "data": {"prompts": str(prompts)},
-        "server": {"host": "127.0.0.1", "port": port}, "output_dir": str(tmp_path / "run"),
+        "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0}, "output_dir": str(tmp_path / "run"),
         "ready_timeout_seconds": 300,
         "ppo": {"total_steps": 3, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8,
                 "adaptive_kl": True, "kl_target": 1.0},

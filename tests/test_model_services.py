@@ -15,7 +15,7 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc, reference_pb2_grpc, reward_pb2,
 from rlhf.v1 import value_pb2, value_pb2_grpc
 from services import codec
 from tests.conftest import ServerThread, service_config
-from tests.rpc import expect_invalid, float_rows, rows, score_texts, sequences_from_generation, text_generate, value_train
+from tests.rpc import expect_invalid, rows, score_texts, sequences_from_generation, text_generate, value_train
 from training.formatting import encode_for_reward
 
 

@@ -11,7 +11,7 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
 from services import codec
 from services.batch import Sequences
 from tests.rpc import (
-    expect_invalid, float_rows, ppo_train, rows, sequences_from_generation, text_generate,
+    expect_invalid, ppo_train, rows, sequences_from_generation, text_generate,
 )
 
 

@@ -1,0 +1,1 @@
+"""Grafana dashboard generator (dashboard.py) and the Prometheus rules and example config (prometheus/)."""

@@ -1,0 +1,158 @@
+"""Loading models for steps 1 and 2, saving them, and resumable trainer checkpoints.
+
+A checkpoint is a directory OUT/checkpoint-STEP holding:
+
+    config.json, model.safetensors, tokenizer files   `save_pretrained`: loads with `from_pretrained`
+    deepspeed/                                        DeepSpeed's `save_checkpoint`: optimizer, LR scheduler
+    trainer_state.json                                step, epoch, next batch, the run's settings, eval history
+    rng_state.pt                                      torch / numpy / python RNG states (dropout)
+
+The data order of an epoch is a function of (seed, epoch) alone, so the state
+needs only the position in it; with the RNG states restored, `--resume`
+continues exactly as an uninterrupted run would.
+"""
+
+import json
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedTokenizerBase)
+from transformers.utils import logging as hf_logging
+
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
+STATE_FILE = "trainer_state.json"
+RNG_FILE = "rng_state.pt"
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot continue this run (missing, or made with other settings)."""
+
+
+@dataclass
+class TrainerState:
+    """Where a run is: optimizer steps taken and the next batch of the epoch's order."""
+
+    step: int = 0  # optimizer steps applied
+    epoch: int = 0  # current epoch, 0-based
+    batch: int = 0  # index of the next batch within the epoch
+    run: dict = field(default_factory=dict)  # settings that must match to resume (data size, batch, seed...)
+    history: list[dict] = field(default_factory=list)  # eval results, one dict per evaluation
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of `path`, with a pad token (eos if it has none, as the services do)
+    and an eos token (sep for BERT-style tokenizers): `encode_for_reward` appends eos."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.eos_token is None:
+        raise ValueError(f"{path}: the tokenizer has neither an eos nor a sep token to end sequences with")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """Any causal LM (the SFT starting point), float32."""
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_reward_backbone(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
+    """A one-output `AutoModelForSequenceClassification` on `path`, float32.
+
+    A decoder (GPT-2, OPT, Llama...) gets a new scalar head and reads its score
+    at the last non-pad token, which needs config.pad_token_id; an encoder
+    (BERT...) uses its own pooling. An existing head of another size is replaced.
+    """
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised score head" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=1, ignore_mismatched_sizes=True, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False  # scoring never decodes; no KV cache to build in training
+    return model
+
+
+def position_limit(config, requested: int) -> int:
+    """`requested` capped at the model's number of positions (if it declares one)."""
+    limits = [getattr(config, name) for name in _POSITION_ATTRS if isinstance(getattr(config, name, None), int)]
+    return min([requested, *limits])
+
+
+# ---- saving -------------------------------------------------------------------------------------
+
+def save_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> None:
+    """`save_pretrained` of the engine's model (gathered first under ZeRO-3) and the tokenizer."""
+    import deepspeed
+
+    module = engine.module
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        module.save_pretrained(str(out_dir))  # a no-op gather below ZeRO-3
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def save_checkpoint(engine, tokenizer: PreTrainedTokenizerBase, state: TrainerState,
+                    out_dir: str | Path) -> Path:
+    """Write OUT/checkpoint-STEP (see the module docstring) and return its path."""
+    path = Path(out_dir) / f"checkpoint-{state.step}"
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(engine, tokenizer, path)
+    engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, save_latest=False)
+    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, path / RNG_FILE)
+    (path / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    return path
+
+
+# ---- resuming -----------------------------------------------------------------------------------
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint-STEP under out_dir with the highest STEP, or None."""
+    found = []
+    for path in Path(out_dir).glob("checkpoint-*"):
+        match = CHECKPOINT.fullmatch(path.name)
+        if match and (path / STATE_FILE).is_file():  # no state file: interrupted while saving
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+def restore_checkpoint(engine, path: Path, run: dict) -> TrainerState:
+    """Load weights, optimizer and scheduler into the engine and the RNG states; return the state.
+
+    Raises ResumeError when the checkpoint was made with other run settings,
+    since the data order and the LR schedule would then differ.
+    """
+    state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    changed = [f"{key} {state.run.get(key)!r} -> {value!r}" for key, value in run.items()
+               if state.run.get(key) != value]
+    if changed:
+        raise ResumeError(f"{path} was made with other settings ({', '.join(changed)}); "
+                          "resume with the same data and arguments, or start a new --out")
+    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+    if loaded is None:
+        raise ResumeError(f"{path}: DeepSpeed could not load {path / DEEPSPEED_TAG}")
+    rng = torch.load(path / RNG_FILE, weights_only=False)  # our own file: numpy/python states
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

@@ -283,13 +283,16 @@ def test_replicas_are_discoverable(rendered):
     assert set(by_kind(rendered, "Deployment")) == {"rlhf-reference", "rlhf-reward"}
 
 
-def test_policy_replicas_form_one_distributed_world():
-    objs = render_k8s.objects(render_k8s.render({"policy": {"replicaCount": 4}}))
-    main = by_kind(objs, "StatefulSet")["rlhf-policy"]["spec"]["template"]["spec"]["containers"][0]
-    env = {e["name"]: e for e in main["env"]}
-    assert env["MASTER_ADDR"]["value"] == "rlhf-policy-0.rlhf-policy-headless"
-    assert env["WORLD_SIZE"]["value"] == "4" and env["MASTER_PORT"]["value"] == "29500"
-    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+def test_policy_and_value_stay_at_one_rank_until_minibatches_are_sharded():
+    # A second rank would wait forever in DeepSpeed's all-reduce: the controller
+    # sends each Train request to one pod, so the schema refuses replicaCount > 1.
+    for component in ("policy", "value"):
+        with helm_python.Chart.load(CHART) as chart:
+            with pytest.raises(helm_python.HelmValuesError) as error:
+                chart.render({component: {"replicaCount": 2}}, name="rlhf")
+        assert f"/{component}/replicaCount" in str(error.value), str(error.value)
+    objs = render_k8s.objects(render_k8s.render({"reward": {"replicaCount": 3}}))
+    assert by_kind(objs, "Deployment")["rlhf-reward"]["spec"]["replicas"] == 3
 
 
 def test_controller_may_only_read_pods_and_endpointslices(rendered):

@@ -106,3 +106,42 @@ def test_dpo_train_rejects_bad_minibatches(policy):
     expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=key, dpo=beta), "dpo.beta")
     nan = policy_pb2.DPOObjective(sequences=two, beta=0.1, reference_logps=codec.tensor_to_pb(torch.tensor([0.0, float("nan")])))
     expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=key, dpo=nan), "dpo.reference_logps")
+
+
+def run_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True, timeout=180)
+
+
+def test_eval_rm_cli_reports_accuracy_calibration_examples_and_agreement(services, reward, tmp_path):
+    import json
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) for p, c, r in PAIRS) + "\n")
+    out = tmp_path / "eval.json"
+    address = services["reward"].address
+    result = run_cli("eval-rm", "--target", address, "--data", str(data), "--json", str(out), "--against", address,
+                     "--examples", "2", "--chunk", "2")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    prompts, chosen, rejected = map(list, zip(*PAIRS))
+    direct = reward.Compare(compare_request(prompts, chosen, rejected), timeout=60)
+    margins = codec.tensor_from_pb(direct.chosen_scores, "c") - codec.tensor_from_pb(direct.rejected_scores, "r")
+    assert report["pairs"] == 5 and report["accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert report["mean_margin"] == pytest.approx(float(margins.mean()), abs=1e-5)
+    assert 0 <= report["ece"] <= 1 and len(report["examples"]) == 2
+    assert report["against"]["agreement"] == 1.0 and report["against"]["spearman_scores"] == pytest.approx(1.0)
+    assert "accuracy" in result.stdout and "good answer" in result.stdout and "bad answer" in result.stdout
+    assert "agreement on the preferred response" in result.stdout
+
+
+def test_eval_rm_cli_names_the_bad_row(services, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": null, "rejected": "b"}\n')
+    result = run_cli("eval-rm", "--target", services["reward"].address, "--data", str(data))
+    assert result.returncode == 1
+    assert "bad.jsonl:2" in result.stderr and "chosen" in result.stderr
+    skipped = run_cli("eval-rm", "--target", services["reward"].address, "--data", str(data), "--skip-bad-rows")
+    assert skipped.returncode == 0 and "skipped 1 malformed rows" in skipped.stdout

@@ -42,13 +42,15 @@ def mesh(tiny_dirs, tmp_path_factory):
         yield running
 
 
-def poll_status(port: int, replies: list, done: threading.Event) -> None:
-    """Ask ControllerService.Status until `done`, as a dashboard would."""
+def poll_status(port: int, replies: list, evaluations: list, done: threading.Event) -> None:
+    """Ask ControllerService.Status until `done`, as a dashboard would; call Evaluate once while running."""
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
         while not done.wait(0.2):
             try:
                 replies.append(stub.Status(controller_pb2.StatusRequest(), timeout=2))
+                if replies[-1].state == "running" and not evaluations:
+                    evaluations.append(stub.Evaluate(controller_pb2.EvaluateRequest(), timeout=60))
             except grpc.RpcError:
                 pass
 
@@ -57,16 +59,20 @@ def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_pa
     port = free_port()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in task.train_prompts(32, seed=3)))
+    heldout = tmp_path / "heldout.jsonl"
+    pairs = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in task.preference_pairs(40, seed=9)]
+    heldout.write_text("\n".join(json.dumps(row) for row in pairs))
     cfg = ControllerConfig.model_validate({
         "run_id": "e2e", "services": mesh.endpoints, "data": {"prompts": str(prompts)},
+        "evaluation": {"pairs": str(heldout), "every": 2, "chunk": 16},
         "server": {"host": "127.0.0.1", "port": port, "metrics_port": 0}, "output_dir": str(tmp_path / "run"),
         "ready_timeout_seconds": 300,
         "ppo": {"total_steps": 3, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8,
                 "adaptive_kl": True, "kl_target": 1.0},
     })
     asyncio.run(mesh.wait_ready(300))
-    steps, replies, done = [], [], threading.Event()
-    poller = threading.Thread(target=poll_status, args=(port, replies, done))
+    steps, replies, evaluations, done = [], [], [], threading.Event()
+    poller = threading.Thread(target=poll_status, args=(port, replies, evaluations, done))
     poller.start()
     try:
         asyncio.run(run_controller(cfg, steps.append))
@@ -76,6 +82,12 @@ def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_pa
     running = [r for r in replies if r.state == "running"]
     assert running and running[-1].run_id == "e2e" and running[-1].total_steps == 3
     assert any(r.step >= 1 and "reward/mean" in r.stats for r in running)
+    # Reward-model comparison evaluation: on demand, after steps 2 and 3, and in Status.
+    assert evaluations and evaluations[0].pairs == 40 and 0 <= evaluations[0].accuracy <= 1
+    with_eval = [s.stats for s in steps if "eval/rm_accuracy" in s.stats]
+    assert [s["step"] for s in with_eval] == [1, 2]
+    assert abs(with_eval[-1]["eval/rm_accuracy"] - evaluations[0].accuracy) < 1e-9  # the RM is frozen
+    assert any(r.last_evaluation.pairs == 40 for r in running)
     mesh.check_alive()
     lines = [json.loads(x) for x in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert len(lines) == len(steps) == 3

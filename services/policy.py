@@ -16,15 +16,8 @@ from services.errors import InvalidArgument
 from services.idempotency import AppliedSteps, key_from_pb
 from services.inference import Sampling, generate, response_logits, response_logprobs
 from services.models import LoadedModel
-from services.server import ModelServicer, chunks, micro_batch_size
+from services.server import ModelServicer, check_temperature, chunks, micro_batch_size
 from training.sft import IGNORE_INDEX, encode_sft_example
-
-
-def check_temperature(value: float, field: str) -> float:
-    """A finite, non-negative temperature (0 = unset/greedy)."""
-    if not math.isfinite(value) or value < 0:
-        raise InvalidArgument(field, f"must be a finite number >= 0, got {value}")
-    return value
 
 
 def sampling_from_pb(pb: policy_pb2.SamplingParams, room: int) -> Sampling:
@@ -176,22 +169,10 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
 
     # --- LogProbs -----------------------------------------------------------
     def _run_logprobs(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
-        m = self.loaded
-        batch = Sequences([s[0] for s in seqs], [s[1] for s in seqs])
-        out = []
-        with torch.no_grad():
-            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
-                out.extend(response_logprobs(self.trainer.module, batch.select(idx), m.pad_id, m.device, temperature))
-        return out
+        return self.per_sequence(response_logprobs, self.trainer.module, seqs, temperature)
 
     async def LogProbs(self, request, context):
-        m = self.require()
-        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
-        temperature = check_temperature(request.temperature, "temperature")
-        tokens = sum(int(r.numel()) for r in seqs.rows)
-        version = self.model_version()
-        rows = await self.logprob_batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
-        return policy_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+        return await self.answer_logprobs(request, self.logprob_batcher, self.model_version())
 
     # --- Train --------------------------------------------------------------
     def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict) -> list:

@@ -2,13 +2,10 @@
 
 import torch
 
-from rlhf.v1 import policy_pb2, reference_pb2_grpc
-from services import codec
-from services.batch import Sequences
+from rlhf.v1 import reference_pb2_grpc
 from services.batcher import Batcher
 from services.inference import response_logprobs
-from services.policy import check_temperature
-from services.server import ModelServicer, chunks
+from services.server import ModelServicer
 
 
 class ReferenceServicer(ModelServicer, reference_pb2_grpc.ReferenceServiceServicer):
@@ -25,21 +22,10 @@ class ReferenceServicer(ModelServicer, reference_pb2_grpc.ReferenceServiceServic
         loaded.model.requires_grad_(False)
 
     def _run(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
-        m = self.loaded
-        batch = Sequences([s[0] for s in seqs], [s[1] for s in seqs])
-        out = []
-        with torch.no_grad():
-            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
-                out.extend(response_logprobs(m.model, batch.select(idx), m.pad_id, m.device, temperature))
-        return out
+        return self.per_sequence(response_logprobs, self.loaded.model, seqs, temperature)
 
     async def LogProbs(self, request, context):
-        m = self.require()
-        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
-        temperature = check_temperature(request.temperature, "temperature")
-        tokens = sum(int(r.numel()) for r in seqs.rows)
-        rows = await self.batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
-        return policy_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=0)
+        return await self.answer_logprobs(request, self.batcher, 0)
 
 
 add_to_server = reference_pb2_grpc.add_ReferenceServiceServicer_to_server

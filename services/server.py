@@ -9,6 +9,7 @@ to answer health checks.
 
 import asyncio
 import logging
+import math
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,9 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rlhf.v1 import tensor_pb2
+from rlhf.v1 import policy_pb2, tensor_pb2
+from services import codec
+from services.batch import Sequences
 from services.batcher import Batcher
 from services.config import ServiceConfig
 from services.errors import ErrorInterceptor, InvalidArgument, NotReady
@@ -95,11 +98,40 @@ class ModelServicer:
     async def Info(self, request, context):
         return self.model_info()
 
+    def per_sequence(self, fn, model, items: list[tuple[torch.Tensor, int]], *args) -> list:
+        """fn(model, Sequences, pad_id, device, *args) over max_batch_size chunks of (row, prompt length) items.
+
+        Runs without gradients on the model thread (batchers call it); returns one result per item.
+        """
+        m = self.loaded
+        batch = Sequences([row for row, _ in items], [p for _, p in items])
+        out = []
+        with torch.no_grad():
+            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
+                out.extend(fn(model, batch.select(idx), m.pad_id, m.device, *args))
+        return out
+
+    async def answer_logprobs(self, request, batcher, version: int) -> policy_pb2.LogProbsResponse:
+        """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""
+        m = self.require()
+        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
+        temperature = check_temperature(request.temperature, "temperature")
+        tokens = sum(int(r.numel()) for r in seqs.rows)
+        rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
+        return policy_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+
     async def close(self) -> None:
         """Stop the batching tasks (after the server has drained)."""
         for value in vars(self).values():
             if isinstance(value, Batcher):
                 await value.close()
+
+
+def check_temperature(value: float, field: str) -> float:
+    """A finite, non-negative temperature (0 = unset/greedy)."""
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(field, f"must be a finite number >= 0, got {value}")
+    return value
 
 
 def chunks(n: int, size: int) -> list[list[int]]:

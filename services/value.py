@@ -36,13 +36,7 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
         return self.trainer.version if self.trainer else 0
 
     def _run_values(self, _key, seqs: list[tuple[torch.Tensor, int]]):
-        m = self.loaded
-        batch = Sequences([s[0] for s in seqs], [s[1] for s in seqs])
-        out = []
-        with torch.no_grad():
-            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
-                out.extend(response_values(self.trainer.module, batch.select(idx), m.pad_id, m.device))
-        return out
+        return self.per_sequence(response_values, self.trainer.module, seqs)
 
     async def Values(self, request, context):
         m = self.require()

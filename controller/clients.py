@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import time
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,21 +57,29 @@ class ServiceClients:
                 log.warning("%s (%s); retrying in %.1fs", error.code().name, error.details(), delay)
                 await asyncio.sleep(delay)
 
-    async def wait_ready(self, deadline_seconds: float) -> None:
-        """Poll grpc.health.v1 until every service reports SERVING."""
+    async def wait_ready(self, deadline_seconds: float, check: Callable[[], None] | None = None) -> None:
+        """Poll grpc.health.v1 until every service reports SERVING.
+
+        `check()` runs before each round and may raise (e.g. when a local service process exited).
+        """
         end = time.monotonic() + deadline_seconds
-        for role, channel in self.channels.items():
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
+        pending = set(self.channels)
+        while pending:
+            if check is not None:
+                check()
+            for role in sorted(pending):
                 try:
-                    reply = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    reply = await health_pb2_grpc.HealthStub(self.channels[role]).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=2)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        break
+                        pending.discard(role)
                 except grpc.aio.AioRpcError:
                     pass
-                if time.monotonic() > end:
-                    raise TimeoutError(f"{role} at {self.endpoints[role]} did not become ready in {deadline_seconds:.0f}s")
-                await asyncio.sleep(0.5)
+            if pending and time.monotonic() > end:
+                where = ", ".join(f"{r} at {self.endpoints[r]}" for r in sorted(pending))
+                raise TimeoutError(f"{where} did not become ready in {deadline_seconds:.0f}s")
+            if pending:
+                await asyncio.sleep(0.3)
 
     async def infos(self) -> dict[str, tensor_pb2.ModelInfo]:
         """Info of every service."""

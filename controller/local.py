@@ -1,27 +1,18 @@
 """The four model services as local processes on loopback ports (demo, tests, benchmarks)."""
 
-import asyncio
-import contextlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-import grpc
 import yaml
+
+from services.engine import free_port
 
 ROLES = ("policy", "reference", "reward", "value")
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalMesh:
@@ -71,24 +62,13 @@ class LocalMesh:
 
     async def wait_ready(self, timeout: float = 600.0) -> None:
         """Wait until every service reports SERVING; fail at once if one exits."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from controller.clients import ServiceClients
 
-        end = time.monotonic() + timeout
-        async with contextlib.AsyncExitStack() as stack:
-            channels = {r: await stack.enter_async_context(grpc.aio.insecure_channel(a)) for r, a in self.endpoints.items()}
-            pending = set(channels)
-            while pending:
-                self.check_alive()
-                for role in list(pending):
-                    try:
-                        reply = await health_pb2_grpc.HealthStub(channels[role]).Check(health_pb2.HealthCheckRequest(), timeout=2)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            pending.discard(role)
-                    except grpc.aio.AioRpcError:
-                        pass
-                if pending and time.monotonic() > end:
-                    raise TimeoutError(f"{', '.join(sorted(pending))} not ready after {timeout:.0f}s")
-                await asyncio.sleep(0.3)
+        clients = ServiceClients(self.endpoints)
+        try:
+            await clients.wait_ready(timeout, check=self.check_alive)
+        finally:
+            await clients.close()
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM every service, wait for the drain, return exit codes."""

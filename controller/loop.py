@@ -65,9 +65,10 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     seqs = Sequences([torch.cat([p, r]).long() for p, r in zip(prompt_rows, response_rows)], [len(p) for p in prompt_rows])
     timings["generate"] = time.perf_counter() - start
     start = time.perf_counter()
+    sequences = seqs.to_pb()
     ref, values, scores = await asyncio.gather(
-        clients.call(clients.reference.LogProbs, policy_pb2.LogProbsRequest(sequences=seqs.to_pb(), temperature=cfg.temperature)),
-        clients.call(clients.value.Values, value_pb2.ValuesRequest(sequences=seqs.to_pb())),
+        clients.call(clients.reference.LogProbs, policy_pb2.LogProbsRequest(sequences=sequences, temperature=cfg.temperature)),
+        clients.call(clients.value.Values, value_pb2.ValuesRequest(sequences=sequences)),
         clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
             texts=reward_pb2.TextPairs(prompts=prompts, responses=list(gen.response_texts)))),
     )

@@ -20,7 +20,7 @@ class ModelLimits:
 
     vocab_size: int
     max_length: int
-    max_batch: int = 4096
+    max_batch: int = 4096  # rows per request; servers set it from batching.max_request_rows
 
 
 def check_token_rows(rows: list[torch.Tensor], field: str, limits: ModelLimits) -> list[torch.Tensor]:

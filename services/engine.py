@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 MicroLoss = Callable[[torch.nn.Module], torch.Tensor]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,7 +52,7 @@ def _init_distributed(device: torch.device) -> None:
     _deepspeed_env(device.type)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if not torch.distributed.is_initialized():

@@ -151,8 +151,6 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
     async def Generate(self, request, context):
         m = self.require()
         prompts = self._prompt_rows(request, m)
-        if len(prompts) > self.cfg.batching.max_request_rows:
-            raise InvalidArgument("prompts", f"{len(prompts)} rows exceed max_request_rows {self.cfg.batching.max_request_rows}")
         room = m.limits.max_length - max(int(p.numel()) for p in prompts)
         sampling = sampling_from_pb(request.sampling, room)
         tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)

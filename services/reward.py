@@ -56,9 +56,7 @@ class RewardServicer(ModelServicer, reward_pb2_grpc.RewardServiceServicer):
         raise InvalidArgument("input", "empty batch: set tokens or texts")
 
     async def score_rows(self, rows: list[torch.Tensor]) -> list[float]:
-        """Scores of token rows through the batcher."""
-        if len(rows) > self.cfg.batching.max_request_rows:
-            raise InvalidArgument("input", f"{len(rows)} rows exceed max_request_rows {self.cfg.batching.max_request_rows}")
+        """Scores of token rows (validated against the model's limits) through the batcher."""
         return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows))
 
     async def Score(self, request, context):

@@ -8,6 +8,7 @@ to answer health checks.
 """
 
 import asyncio
+import dataclasses
 import logging
 import math
 import signal
@@ -56,6 +57,8 @@ class ModelServicer:
             torch.set_num_threads(self.cfg.server.num_threads)
         torch.manual_seed(self.cfg.server.seed)
         loaded = LOADERS[self.role](self.cfg.model)
+        # every decoder of token rows enforces the configured rows-per-request bound
+        loaded.limits = dataclasses.replace(loaded.limits, max_batch=self.cfg.batching.max_request_rows)
         self.after_load(loaded)
         self.loaded = loaded
 

@@ -7,7 +7,7 @@ import torch
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from demo import task, tiny
+from demo import task
 from training.formatting import encode_for_reward, join_prompt_response
 from training.reward_model import load_reward_base, pair_accuracy, score_texts, train_reward_model
 from training.sft import IGNORE_INDEX, encode_sft_example, response_loss, train_sft
@@ -18,12 +18,10 @@ BLAND = "well , it is really nice and it is very good ."
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    """A freshly built tokenizer + tiny GPT-2 (random weights)."""
+def lm_dir(tiny_dirs):
+    """The session's tokenizer + tiny GPT-2 (random weights; tests only read it)."""
     torch.set_num_threads(1)  # small models; one thread is robust on a busy machine
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny.build_tokenizer(task.corpus_texts(0), root / "tokenizer")
-    return tiny.build_tiny_lm(tokenizer, root / "lm")
+    return tiny_dirs["lm"]
 
 
 # --- the task and its gold function ---------------------------------------------------

@@ -212,3 +212,15 @@ def test_health_is_not_serving_and_rpcs_unavailable_until_weights_load(tiny_dirs
     finally:
         gate.set()
         server.stop()
+
+
+def test_rows_per_request_bound_applies_to_text_and_token_input(tiny_dirs):
+    server = ServerThread(service_config("reward", tiny_dirs["rm"], batching={"max_request_rows": 2})).start()
+    try:
+        stub = reward_pb2_grpc.RewardServiceStub(server.channel())
+        assert len(stub.Score(score_texts(["p", "q"], ["r", "s"]), timeout=30).scores.raw) == 8
+        expect_invalid(stub.Score, score_texts(["p"] * 3, ["r"] * 3), "3 rows exceed the limit of 2")
+        tokens = codec.ragged_to_pb([torch.tensor([5, 6], dtype=torch.int32)] * 3)
+        expect_invalid(stub.Score, reward_pb2.ScoreRequest(tokens=tokens), "tokens.lengths")
+    finally:
+        server.stop()

@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 from typer.testing import CliRunner
 
 from controller.cli import app
-from demo import task, tiny
+from demo import task
 from training.checkpoints import ResumeError, load_reward_backbone, load_tokenizer
 from training.datasets import load_pairs
 from training.ds_trainer import TrainerConfig
@@ -31,12 +31,10 @@ GOOD = "first , the ocean has waves and coral because it also has whales ."
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    """A tiny GPT-2 with the demo's tokenizer (random weights, no dropout)."""
+def lm_dir(tiny_dirs):
+    """The session's tiny GPT-2 with the demo's tokenizer (random weights, no dropout; tests only read it)."""
     torch.set_num_threads(1)  # small models; one thread is robust on a busy machine
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = tiny.build_tokenizer(task.corpus_texts(0), root / "tokenizer")
-    return tiny.build_tiny_lm(tokenizer, root / "lm")
+    return tiny_dirs["lm"]
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,16 @@
-"""Typed async clients of the four model services, with retries and readiness checks."""
+"""Typed async clients of the four model services: replicas, failover, readiness and tokenizer checks."""
 
 import asyncio
 import logging
 import time
 from typing import Callable
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from controller.replicas import Replicas, Select, split_rows
 from rlhf.v1 import policy_pb2_grpc, reference_pb2_grpc, reward_pb2_grpc, tensor_pb2, value_pb2_grpc
-from services.server import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+TRAINABLE = ("policy", "value")  # one data-parallel group each
 STUBS = {
     "policy": policy_pb2_grpc.PolicyServiceStub,
     "reference": reference_pb2_grpc.ReferenceServiceStub,
@@ -27,77 +24,106 @@ class TokenizerMismatch(RuntimeError):
 
 
 class ServiceClients:
-    """One channel and stub per service; `call` retries transient failures.
+    """One `Replicas` pool per service (see controller.replicas); calls fail over between replicas.
 
+    `endpoints` maps each role to a target: `host:port`, a comma-separated
+    list, `dns:///host:port` or `kubernetes:///service:port`. Policy and value
+    replicas must form one data-parallel group; `wait_ready` checks that.
     Retrying Train is safe: every Train request carries an idempotency key.
     """
 
-    def __init__(self, endpoints: dict[str, str], timeout: float = 600.0, retries: int = 3):
+    def __init__(self, endpoints: dict[str, str], timeout: float = 600.0, retries: int = 3,
+                 probe_seconds: float = 2.0):
         self.endpoints = dict(endpoints)
-        self.timeout = timeout
-        self.retries = retries
-        self.channels = {role: grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS) for role, addr in endpoints.items()}
-        self.stubs = {role: STUBS[role](ch) for role, ch in self.channels.items()}
+        self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds)
+                      for role, target in endpoints.items()}
+        self._started = False
 
-    def __getattr__(self, role: str):
-        try:
-            return self.__dict__["stubs"][role]
-        except KeyError:
-            raise AttributeError(role) from None
+    @property
+    def roles(self) -> list[str]:
+        """The services this client talks to."""
+        return list(self.pools)
 
-    async def call(self, method, request):
-        """Invoke a stub method with a deadline, retrying UNAVAILABLE / RESOURCE_EXHAUSTED."""
-        for attempt in range(self.retries + 1):
-            try:
-                return await method(request, timeout=self.timeout)
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in RETRYABLE or attempt == self.retries:
-                    raise
-                delay = min(0.5 * 2**attempt, 8.0)
-                log.warning("%s (%s); retrying in %.1fs", error.code().name, error.details(), delay)
-                await asyncio.sleep(delay)
+    async def _start(self) -> None:
+        if not self._started:
+            self._started = True
+            for pool in self.pools.values():
+                await pool.start()
 
     async def wait_ready(self, deadline_seconds: float, check: Callable[[], None] | None = None) -> None:
-        """Poll grpc.health.v1 until every service reports SERVING.
+        """Discover the replicas, wait until they report SERVING, order policy/value ranks.
 
         `check()` runs before each round and may raise (e.g. when a local service process exited).
         """
+        await self._start()
         end = time.monotonic() + deadline_seconds
-        pending = set(self.channels)
-        while pending:
-            if check is not None:
-                check()
-            for role in sorted(pending):
-                try:
-                    reply = await health_pb2_grpc.HealthStub(self.channels[role]).Check(
-                        health_pb2.HealthCheckRequest(service=""), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        pending.discard(role)
-                except grpc.aio.AioRpcError:
-                    pass
-            if pending and time.monotonic() > end:
-                where = ", ".join(f"{r} at {self.endpoints[r]}" for r in sorted(pending))
-                raise TimeoutError(f"{where} did not become ready in {deadline_seconds:.0f}s")
-            if pending:
-                await asyncio.sleep(0.3)
+        for role, pool in self.pools.items():
+            await pool.wait_ready(max(end - time.monotonic(), 0.0), check, every=role in TRAINABLE)
+            if role in TRAINABLE:
+                size = await pool.form_group()
+                if size > 1:
+                    log.info("%s: data-parallel group of %d ranks", role, size)
 
-    async def infos(self) -> dict[str, tensor_pb2.ModelInfo]:
-        """Info of every service."""
-        roles = list(self.stubs)
-        replies = await asyncio.gather(*(self.call(self.stubs[r].Info, tensor_pb2.InfoRequest()) for r in roles))
-        return dict(zip(roles, replies))
+    async def one(self, role: str, select: Select, request):
+        """Call one serving replica of `role` (failing over to another)."""
+        await self._start()
+        return await self.pools[role].one(select, request)
+
+    async def spread(self, role: str, select: Select, requests) -> list:
+        """Spread `requests` over the serving replicas of `role`; replies in order."""
+        await self._start()
+        return await self.pools[role].spread(select, requests)
+
+    async def each_rank(self, role: str, select: Select, requests) -> list:
+        """requests[r] to data-parallel rank r of `role`, all at once."""
+        return await self.pools[role].each_rank(select, requests)
+
+    async def spread_rows(self, role: str, n: int, request_for: Callable[[list[int]], object], select: Select,
+                          rows_of: Callable[[object], list]) -> list:
+        """Cut rows 0..n-1 into one contiguous shard per serving replica of `role`, call them, join the rows.
+
+        request_for(index) builds a shard's request; rows_of(reply) gives its per-row results.
+        """
+        shards = split_rows(n, self.width(role))
+        replies = await self.spread(role, select, [request_for(index) for index in shards])
+        rows = [row for reply in replies for row in rows_of(reply)]
+        if len(rows) != n:
+            raise RuntimeError(f"{role} answered {len(rows)} rows for {n}")
+        return rows
+
+    async def on_rank(self, role: str, rank: int, select: Select, request):
+        """Call data-parallel rank `rank` of `role` (no failover: ranks are not interchangeable)."""
+        return await self.pools[role].on_rank(rank, select, request)
+
+    def width(self, role: str) -> int:
+        """How many shards to cut a batch for `role` into (serving replicas)."""
+        return self.pools[role].width()
+
+    def ranks(self, role: str) -> int:
+        """Ranks of the data-parallel group of `role` (1 when alone)."""
+        return max(len(self.pools[role].ranks), 1)
+
+    async def infos(self) -> dict[str, list[tensor_pb2.ModelInfo]]:
+        """Info of every replica of every service."""
+        async def of(pool):
+            request = tensor_pb2.InfoRequest()
+            return list(await asyncio.gather(*(pool.one(lambda s: s.Info, request, a) for a in pool.serving())))
+
+        replies = await asyncio.gather(*(of(pool) for pool in self.pools.values()))
+        return dict(zip(self.pools, replies))
 
     async def close(self) -> None:
-        for channel in self.channels.values():
-            await channel.close()
+        for pool in self.pools.values():
+            await pool.close()
 
 
-def check_shared_tokenizer(infos: dict[str, tensor_pb2.ModelInfo], roles=("policy", "reference", "value")) -> None:
-    """Refuse to train when the token-id services disagree on the tokenizer."""
+def check_shared_tokenizer(infos: dict[str, list[tensor_pb2.ModelInfo]], roles=("policy", "reference", "value")) -> None:
+    """Refuse to train when the token-id services (any of their replicas) disagree on the tokenizer."""
     present = [r for r in roles if r in infos]
     groups: dict[str, list[str]] = {}
     for role in present:
-        groups.setdefault(infos[role].tokenizer_fingerprint, []).append(role)
+        for fingerprint in dict.fromkeys(i.tokenizer_fingerprint for i in infos[role]):
+            groups.setdefault(fingerprint, []).append(role)
     if len(groups) > 1:
         parts = "; ".join(f"{' and '.join(rs)} use tokenizer {fp[:12]}" for fp, rs in groups.items())
         raise TokenizerMismatch(

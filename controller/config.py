@@ -8,13 +8,31 @@ from pydantic import Field, model_validator
 from services.config import DEFAULT_PORTS, Strict, parse, read_yaml
 
 
-class Endpoints(Strict):
-    """host:port of each model service."""
+TARGET_HELP = ("host:port, a comma-separated list, dns:///host:port (every record of a headless Service) "
+               "or kubernetes:///service[.namespace]:port (its EndpointSlices)")
 
-    policy: str = Field(f"127.0.0.1:{DEFAULT_PORTS['policy']}", description="PolicyService address")
-    reference: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reference']}", description="ReferenceService address")
-    reward: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reward']}", description="RewardService address")
-    value: str = Field(f"127.0.0.1:{DEFAULT_PORTS['value']}", description="ValueService address")
+
+class Endpoints(Strict):
+    """Where each model service's replicas are (see controller/discovery.py for the target forms)."""
+
+    policy: str = Field(f"127.0.0.1:{DEFAULT_PORTS['policy']}",
+                        description=f"PolicyService replicas (one data-parallel group): {TARGET_HELP}")
+    reference: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reference']}",
+                           description=f"ReferenceService replicas: {TARGET_HELP}")
+    reward: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reward']}", description=f"RewardService replicas: {TARGET_HELP}")
+    value: str = Field(f"127.0.0.1:{DEFAULT_PORTS['value']}",
+                       description=f"ValueService replicas (one data-parallel group): {TARGET_HELP}")
+
+    @model_validator(mode="after")
+    def _targets_parse(self):
+        from controller.discovery import parse_target
+
+        for role in ("policy", "reference", "reward", "value"):
+            try:
+                parse_target(getattr(self, role))
+            except ValueError as error:
+                raise ValueError(f"{role}: {error}") from None
+        return self
 
 
 class PPOConfig(Strict):
@@ -108,6 +126,7 @@ class ControllerConfig(Strict):
     rpc_timeout_seconds: float = Field(600.0, gt=0, description="Deadline of each RPC")
     rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with UNAVAILABLE or RESOURCE_EXHAUSTED")
     ready_timeout_seconds: float = Field(600.0, gt=0, description="How long to wait for the services to report SERVING")
+    probe_seconds: float = Field(2.0, gt=0, description="Health-check period of each replica (taken out / back in)")
     seed: int = Field(0, description="Seed for prompt order and minibatch shuffling")
 
 

@@ -12,8 +12,10 @@ import torch
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig
 from controller.evaluation import Pair
+from controller.replicas import split_rows
 from rlhf.v1 import policy_pb2, tensor_pb2
 from services import codec
+from services.batch import Sequences
 
 
 def interleave(pairs: list[Pair]) -> policy_pb2.TokenizeRequest:
@@ -47,19 +49,28 @@ class DPORunner:
 
     async def step(self):
         """One DPO step; returns a StepResult-like object with .step and .stats."""
-        from controller.loop import StepResult
+        from controller.loop import POLICY_ADDITIVE, StepResult, merge_shards
 
         c = self.clients
         pairs = self._next_pairs()
-        sequences = await c.call(c.policy.Tokenize, interleave(pairs))
-        ref = await c.call(c.reference.LogProbs, policy_pb2.LogProbsRequest(sequences=sequences))
-        ref_logps = torch.stack([row.sum() for row in codec.ragged_from_pb(ref.logprobs, "reference.logprobs")])
-        objective = policy_pb2.DPOObjective(
-            sequences=sequences, reference_logps=codec.tensor_to_pb(ref_logps.float()),
-            beta=self.cfg.dpo.beta, label_smoothing=self.cfg.dpo.label_smoothing)
+        tokenized = await c.one("policy", lambda s: s.Tokenize, interleave(pairs))
+        seqs = Sequences(codec.ragged_from_pb(tokenized.tokens, "tokens"), list(tokenized.prompt_lengths))
+        ref = await c.spread_rows("reference", len(seqs), lambda idx: policy_pb2.LogProbsRequest(
+            sequences=seqs.select(idx).to_pb()), lambda s: s.LogProbs,
+            lambda reply: codec.ragged_from_pb(reply.logprobs, "reference.logprobs"))
+        ref_logps = torch.stack([row.sum() for row in ref]).float()  # (2N,)
         key = tensor_pb2.TrainKey(run_id=self.run_id, step=self.step_count, minibatch_index=0)
-        reply = await c.call(c.policy.Train, policy_pb2.PolicyTrainRequest(
-            key=key, dpo=objective, micro_batch_size=self.cfg.dpo.micro_batch_size))
+
+        def request_for(pair_index: list[int]) -> policy_pb2.PolicyTrainRequest:
+            rows = [2 * i + side for i in pair_index for side in (0, 1)]
+            objective = policy_pb2.DPOObjective(
+                sequences=seqs.select(rows).to_pb(), reference_logps=codec.tensor_to_pb(ref_logps[rows]),
+                beta=self.cfg.dpo.beta, label_smoothing=self.cfg.dpo.label_smoothing)
+            return policy_pb2.PolicyTrainRequest(key=key, dpo=objective, micro_batch_size=self.cfg.dpo.micro_batch_size)
+
+        shards = split_rows(len(pairs), c.ranks("policy"))
+        reply = merge_shards(await c.each_rank("policy", lambda s: s.Train, [request_for(p) for p in shards]),
+                             POLICY_ADDITIVE)
         self.policy_version = reply.model_version
         stats = {"dpo/loss": reply.policy_loss, "dpo/reward_accuracy": reply.reward_accuracy,
                  "dpo/reward_margin": reply.reward_margin, "policy/grad_norm": reply.grad_norm,

@@ -46,13 +46,11 @@ def compare(target: str, pairs: list[Pair], chunk: int = 64, timeout: float = 60
     return torch.cat(chosen).float(), torch.cat(rejected).float()
 
 
-async def compare_async(stub, pairs: list[Pair], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same as `compare` on an asyncio RewardService stub."""
-    chosen, rejected = [], []
-    for request in _requests(pairs, chunk):
-        reply = await stub.Compare(request, timeout=600)
-        chosen.append(codec.tensor_from_pb(reply.chosen_scores, "chosen_scores"))
-        rejected.append(codec.tensor_from_pb(reply.rejected_scores, "rejected_scores"))
+async def compare_async(clients, pairs: list[Pair], chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as `compare` through ServiceClients: the chunks are spread over the reward replicas."""
+    replies = await clients.spread("reward", lambda s: s.Compare, list(_requests(pairs, chunk)))
+    chosen = [codec.tensor_from_pb(r.chosen_scores, "chosen_scores") for r in replies]
+    rejected = [codec.tensor_from_pb(r.rejected_scores, "rejected_scores") for r in replies]
     return torch.cat(chosen).float(), torch.cat(rejected).float()
 
 

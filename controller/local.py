@@ -1,4 +1,10 @@
-"""The four model services as local processes on loopback ports (demo, tests, benchmarks)."""
+"""The four model services as local processes on loopback ports (demo, tests, benchmarks).
+
+`replicas` runs a role as several processes: independent replicas for
+reference and reward, one data-parallel group (RANK/WORLD_SIZE over a
+loopback rendezvous) for policy and value. A role's endpoint is then the
+comma-separated list of its processes' addresses.
+"""
 
 import os
 import pathlib
@@ -15,50 +21,81 @@ ROLES = ("policy", "reference", "reward", "value")
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-class LocalMesh:
-    """Writes one YAML per service, starts `rlhf serve ROLE` for each, stops them with SIGTERM."""
+GROUPED = ("policy", "value")  # several processes of these form one data-parallel group
 
-    def __init__(self, workdir: str | pathlib.Path, configs: dict[str, dict], metrics_ports: dict[str, int] | None = None):
-        """metrics_ports: role -> /metrics port (0: a free one); other roles serve no metrics."""
+
+class LocalMesh:
+    """Writes one YAML per service process, starts `rlhf serve ROLE` for each, stops them with SIGTERM."""
+
+    def __init__(self, workdir: str | pathlib.Path, configs: dict[str, dict], metrics_ports: dict[str, int] | None = None,
+                 replicas: dict[str, int] | None = None):
+        """metrics_ports: process name -> /metrics port (0: a free one); other processes serve no metrics.
+
+        replicas: role -> processes (default 1). A process is named after its role, or `ROLE-i`
+        when the role has several.
+        """
         self.workdir = pathlib.Path(workdir)
         self.configs = configs
-        self.ports = {role: free_port() for role in configs}
-        self.metrics_ports = {role: port or free_port() for role, port in (metrics_ports or {}).items()}
+        self.replicas = {role: (replicas or {}).get(role, 1) for role in configs}
+        self.names = {role: [role] if n == 1 else [f"{role}-{i}" for i in range(n)] for role, n in self.replicas.items()}
+        self.ports = {name: free_port() for names in self.names.values() for name in names}
+        self.metrics_ports = {name: port or free_port() for name, port in (metrics_ports or {}).items()}
         self.processes: dict[str, subprocess.Popen] = {}
 
     @property
     def metrics_endpoints(self) -> dict[str, str]:
-        """role -> 127.0.0.1:port of its /metrics endpoint."""
-        return {role: f"127.0.0.1:{port}" for role, port in self.metrics_ports.items()}
+        """process name -> 127.0.0.1:port of its /metrics endpoint."""
+        return {name: f"127.0.0.1:{port}" for name, port in self.metrics_ports.items()}
 
     @property
     def endpoints(self) -> dict[str, str]:
-        """role -> 127.0.0.1:port."""
-        return {role: f"127.0.0.1:{port}" for role, port in self.ports.items()}
+        """role -> its target: 127.0.0.1:port, or a comma-separated list of its processes."""
+        return {role: ",".join(f"127.0.0.1:{self.ports[n]}" for n in names) for role, names in self.names.items()}
+
+    def _env(self, role: str, rank: int, master_port: int) -> dict[str, str]:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name in DISTRIBUTED_ENV:  # by default each service forms its own torch.distributed world
+            env.pop(name, None)
+        if role in GROUPED and self.replicas[role] > 1:
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank),
+                       WORLD_SIZE=str(self.replicas[role]), LOCAL_RANK="0")
+        return env
 
     def start(self) -> "LocalMesh":
         """Start every service process (they load their weights in the background)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        for name in DISTRIBUTED_ENV:  # each service forms its own torch.distributed world
-            env.pop(name, None)
         for role, cfg in self.configs.items():
-            cfg = dict(cfg, role=role)
-            cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[role],
-                                 metrics_port=self.metrics_ports.get(role, -1))
-            path = self.workdir / f"{role}.yaml"
-            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            log = open(self.workdir / f"{role}.log", "w")
-            command = [sys.executable, "-m", "controller.cli", "serve", role, "--config", str(path)]
-            self.processes[role] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            master_port = free_port()
+            for rank, name in enumerate(self.names[role]):
+                self._start_process(role, name, cfg, self._env(role, rank, master_port))
         return self
+
+    def _start_process(self, role: str, name: str, cfg: dict, env: dict) -> None:
+        cfg = dict(cfg, role=role)
+        cfg["server"] = dict(cfg.get("server", {}), host="127.0.0.1", port=self.ports[name],
+                             metrics_port=self.metrics_ports.get(name, -1))
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        log = open(self.workdir / f"{name}.log", "w")
+        command = [sys.executable, "-m", "controller.cli", "serve", role, "--config", str(path)]
+        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def stop_process(self, name: str, timeout: float = 30.0) -> int:
+        """SIGTERM one process (e.g. a replica) and wait for it; returns its exit code."""
+        proc = self.processes.pop(name)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
     def check_alive(self) -> None:
         """Raise RuntimeError naming a service process that exited, with its log's tail."""
-        for role, proc in self.processes.items():
+        for name, proc in self.processes.items():
             if proc.poll() is not None:
-                tail = (self.workdir / f"{role}.log").read_text().splitlines()[-15:]
-                raise RuntimeError(f"{role} service exited with code {proc.returncode}:\n" + "\n".join(tail))
+                tail = (self.workdir / f"{name}.log").read_text().splitlines()[-15:]
+                raise RuntimeError(f"{name} service exited with code {proc.returncode}:\n" + "\n".join(tail))
 
     async def wait_ready(self, timeout: float = 600.0) -> None:
         """Wait until every service reports SERVING; fail at once if one exits."""
@@ -77,12 +114,12 @@ class LocalMesh:
                 proc.send_signal(signal.SIGTERM)
         codes = {}
         deadline = time.monotonic() + timeout
-        for role, proc in self.processes.items():
+        for name, proc in self.processes.items():
             try:
-                codes[role] = proc.wait(max(deadline - time.monotonic(), 0.1))
+                codes[name] = proc.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                codes[role] = proc.wait()
+                codes[name] = proc.wait()
         return codes
 
     def __enter__(self) -> "LocalMesh":

@@ -16,9 +16,11 @@ import torch
 from controller import ppo
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig, PPOConfig
+from controller.replicas import split_rows
 from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2, value_pb2
 from services import codec
 from services.batch import Sequences
+from services.inference import row_seed
 
 log = logging.getLogger(__name__)
 
@@ -52,35 +54,55 @@ def _padded(rows: list[torch.Tensor]) -> torch.Tensor:
     return codec.pad_rows([r.float() for r in rows])[0]
 
 
-async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict) -> Experience:
-    """Generate, then reference log-probs, values and RM scores concurrently."""
+def _ragged(name: str):
+    return lambda reply: codec.ragged_from_pb(getattr(reply, name), name)
+
+
+async def generate(clients: ServiceClients, prompts: list[str], sampling: policy_pb2.SamplingParams) -> list[tuple]:
+    """Policy.Generate over the policy's replicas; (prompt ids, response ids, logprobs, text, version) per row."""
+    def request_for(index):
+        texts = tensor_pb2.TextBatch(texts=[prompts[i] for i in index])
+        return policy_pb2.GenerateRequest(prompt_texts=texts, sampling=sampling, first_row_index=index[0])
+
+    def rows_of(reply):
+        version = [reply.policy_version] * len(reply.response_texts)
+        return zip(codec.ragged_from_pb(reply.prompt_tokens, "prompt_tokens"),
+                   codec.ragged_from_pb(reply.response_tokens, "response_tokens"),
+                   codec.ragged_from_pb(reply.response_logprobs, "response_logprobs"), reply.response_texts, version)
+
+    return await clients.spread_rows("policy", len(prompts), request_for, lambda s: s.Generate, rows_of)
+
+
+async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict, seed: int = 0) -> Experience:
+    """Generate, then reference log-probs, values and RM scores concurrently, each spread over its replicas.
+
+    `seed` (nonzero) makes the samples depend only on it and the row, not on how the batch is split.
+    """
     start = time.perf_counter()
     sampling = policy_pb2.SamplingParams(
-        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p
+        temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, top_k=cfg.top_k, top_p=cfg.top_p, seed=seed
     )
-    request = policy_pb2.GenerateRequest(prompt_texts=tensor_pb2.TextBatch(texts=prompts), sampling=sampling)
-    gen = await clients.call(clients.policy.Generate, request)
-    prompt_rows = codec.ragged_from_pb(gen.prompt_tokens, "prompt_tokens")
-    response_rows = codec.ragged_from_pb(gen.response_tokens, "response_tokens")
+    prompt_rows, response_rows, logprobs, texts, versions = zip(*await generate(clients, prompts, sampling))
+    responses = list(texts)
     seqs = Sequences([torch.cat([p, r]).long() for p, r in zip(prompt_rows, response_rows)], [len(p) for p in prompt_rows])
     timings["generate"] = time.perf_counter() - start
     start = time.perf_counter()
-    sequences = seqs.to_pb()
+    n = len(prompts)
     ref, values, scores = await asyncio.gather(
-        clients.call(clients.reference.LogProbs, policy_pb2.LogProbsRequest(sequences=sequences, temperature=cfg.temperature)),
-        clients.call(clients.value.Values, value_pb2.ValuesRequest(sequences=sequences)),
-        clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
-            texts=reward_pb2.TextPairs(prompts=prompts, responses=list(gen.response_texts)))),
+        clients.spread_rows("reference", n, lambda idx: policy_pb2.LogProbsRequest(
+            sequences=seqs.select(idx).to_pb(), temperature=cfg.temperature), lambda s: s.LogProbs, _ragged("logprobs")),
+        clients.spread_rows("value", n, lambda idx: value_pb2.ValuesRequest(sequences=seqs.select(idx).to_pb()),
+                            lambda s: s.Values, _ragged("values")),
+        clients.spread_rows("reward", n, lambda idx: reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(
+            prompts=[prompts[i] for i in idx], responses=[responses[i] for i in idx])), lambda s: s.Score,
+            lambda reply: list(codec.tensor_from_pb(reply.scores, "reward.scores").float())),
     )
     timings["score"] = time.perf_counter() - start
-    logprobs = codec.ragged_from_pb(gen.response_logprobs, "response_logprobs")
     return Experience(
-        prompts=prompts, responses=list(gen.response_texts), seqs=seqs,
-        mask=codec.pad_rows(response_rows)[1], logprobs=_padded(logprobs),
-        ref_logprobs=_padded(codec.ragged_from_pb(ref.logprobs, "reference.logprobs")),
-        values=_padded(codec.ragged_from_pb(values.values, "value.values")),
-        scores=codec.tensor_from_pb(scores.scores, "reward.scores").float(),
-        policy_version=gen.policy_version,
+        prompts=prompts, responses=responses, seqs=seqs,
+        mask=codec.pad_rows(list(response_rows))[1], logprobs=_padded(list(logprobs)),
+        ref_logprobs=_padded(ref), values=_padded(values), scores=torch.stack(scores),
+        policy_version=min(versions),
     )
 
 
@@ -132,21 +154,44 @@ def _rows(padded: torch.Tensor, mask: torch.Tensor, index: list[int]) -> tensor_
     return codec.ragged_to_pb(rows, torch.float32)
 
 
-def train_requests(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int], ptx=None):
-    """The Policy.Train and Value.Train requests of one minibatch."""
-    seqs = exp.seqs.select(index).to_pb()
+def policy_request(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int], ptx=None):
+    """The Policy.Train request of minibatch rows `index` (one rank's shard, or the whole minibatch)."""
     ppo_objective = policy_pb2.PPOObjective(
-        sequences=seqs, old_logprobs=_rows(exp.logprobs, exp.mask, index),
+        sequences=exp.seqs.select(index).to_pb(), old_logprobs=_rows(exp.logprobs, exp.mask, index),
         advantages=_rows(exp.advantages, exp.mask, index), clip_range=cfg.clip_range,
         entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
     )
-    policy = policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
-    value = value_pb2.ValueTrainRequest(
-        key=key, sequences=seqs, old_values=_rows(exp.values, exp.mask, index),
+    return policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
+
+
+def value_request(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int]):
+    """The Value.Train request of minibatch rows `index`."""
+    return value_pb2.ValueTrainRequest(
+        key=key, sequences=exp.seqs.select(index).to_pb(), old_values=_rows(exp.values, exp.mask, index),
         returns=_rows(exp.returns, exp.mask, index), clip_range_value=cfg.clip_range_value,
         micro_batch_size=cfg.micro_batch_size,
     )
-    return policy, value
+
+
+def shard(index: list[int], ranks: int) -> list[list[int]]:
+    """Minibatch rows `index` cut into one contiguous shard per data-parallel rank."""
+    return [[index[i] for i in part] for part in split_rows(len(index), ranks)]
+
+
+# Fields each rank reports as its share of the minibatch's value (normalised by the whole minibatch).
+POLICY_ADDITIVE = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "tokens",
+                   "reward_accuracy", "reward_margin")
+VALUE_ADDITIVE = ("loss", "clip_fraction", "tokens")
+
+
+def merge_shards(replies: list, additive: tuple[str, ...]):
+    """One Train reply from the ranks' replies: shares summed; grad norm, version, EV as rank 0 saw them."""
+    merged = type(replies[0])()
+    merged.CopyFrom(replies[0])
+    for name in additive:
+        setattr(merged, name, sum(getattr(r, name) for r in replies))
+    merged.replayed = all(r.replayed for r in replies)
+    return merged
 
 
 def _mean_stats(replies: list, fields: dict[str, str]) -> dict[str, float]:
@@ -191,12 +236,26 @@ class PPORunner:
             picked += picked[: self.cfg.ppo.batch_size - len(picked)]
         return picked
 
-    def _ptx_batch(self) -> policy_pb2.PtxBatch | None:
+    def _ptx_shards(self, ranks: int) -> list[policy_pb2.PtxBatch | None]:
+        """One PPO-ptx batch per policy rank (None where a rank gets no pretraining rows)."""
         if not self.ptx_texts or self.cfg.ppo.ptx_coef == 0:
-            return None
-        order = torch.randperm(len(self.ptx_texts), generator=self.generator)[: self.cfg.ppo.ptx_batch_size]
-        texts = tensor_pb2.TextBatch(texts=[self.ptx_texts[i] for i in order.tolist()])
-        return policy_pb2.PtxBatch(texts=texts, coef=self.cfg.ppo.ptx_coef)
+            return [None] * ranks
+        order = torch.randperm(len(self.ptx_texts), generator=self.generator)[: self.cfg.ppo.ptx_batch_size].tolist()
+        parts = split_rows(len(order), ranks)
+        batches = [policy_pb2.PtxBatch(texts=tensor_pb2.TextBatch(texts=[self.ptx_texts[order[i]] for i in part]),
+                                       coef=self.cfg.ppo.ptx_coef) for part in parts]
+        return batches + [None] * (ranks - len(batches))
+
+    async def _train_minibatch(self, exp: Experience, key: tensor_pb2.TrainKey, index: list[int]):
+        """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks."""
+        cfg, c = self.cfg.ppo, self.clients
+        p_ranks, v_ranks = c.ranks("policy"), c.ranks("value")
+        p_requests = [policy_request(exp, cfg, key, part, ptx)
+                      for part, ptx in zip(shard(index, p_ranks), self._ptx_shards(p_ranks))]
+        v_requests = [value_request(exp, cfg, key, part) for part in shard(index, v_ranks)]
+        p, v = await asyncio.gather(c.each_rank("policy", lambda s: s.Train, p_requests),
+                                    c.each_rank("value", lambda s: s.Train, v_requests))
+        return merge_shards(p, POLICY_ADDITIVE), merge_shards(v, VALUE_ADDITIVE)
 
     async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
         cfg = self.cfg.ppo
@@ -208,10 +267,7 @@ class PPORunner:
             for mb in range(n_minibatches):
                 index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
                 key = tensor_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=epoch * n_minibatches + mb)
-                p_req, v_req = train_requests(exp, cfg, key, index, self._ptx_batch())
-                p, v = await asyncio.gather(
-                    self.clients.call(self.clients.policy.Train, p_req), self.clients.call(self.clients.value.Train, v_req)
-                )
+                p, v = await self._train_minibatch(exp, key, index)
                 policy_replies.append(p)
                 value_replies.append(v)
         timings["train"] = time.perf_counter() - start
@@ -225,7 +281,8 @@ class PPORunner:
         """One PPO iteration; returns its statistics."""
         step = self.step_count
         timings: dict[str, float] = {}
-        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings)
+        seed = row_seed(self.cfg.seed, step) or 1  # sampling seed of this iteration (0 would mean unseeded)
+        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed)
         compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
         stats = exp.stats | await self._train(exp, step, timings)
         self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.batch_size)

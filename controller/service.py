@@ -43,10 +43,10 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         """Score the held-out pairs with the reward service; keep the result for Status."""
         if not self.eval_pairs:
             raise NotReady("no evaluation.pairs configured")
-        if self.clients is None or "reward" not in self.clients.stubs:
+        if self.clients is None or "reward" not in self.clients.roles:
             raise NotReady("the controller is not connected to a reward service yet")
         start = time.perf_counter()
-        chosen, rejected = await compare_async(self.clients.reward, self.eval_pairs, self.cfg.evaluation.chunk)
+        chosen, rejected = await compare_async(self.clients, self.eval_pairs, self.cfg.evaluation.chunk)
         s = summarize(chosen, rejected)
         self.last_evaluation = controller_pb2.EvaluateResponse(
             accuracy=s["accuracy"], mean_margin=s["mean_margin"], ece=s["ece"], pairs=s["pairs"],
@@ -87,17 +87,31 @@ async def start_controller_server(servicer: ControllerServicer):
 async def connect(cfg: ControllerConfig) -> ServiceClients:
     """Clients of the run's services, once all report SERVING and share a tokenizer."""
     endpoints = {role: addr for role, addr in cfg.services.model_dump().items() if role in cfg.roles()}
-    clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries)
-    await clients.wait_ready(cfg.ready_timeout_seconds)
-    check_shared_tokenizer(await clients.infos())
+    clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds)
+    try:
+        await clients.wait_ready(cfg.ready_timeout_seconds)
+        check_shared_tokenizer(await clients.infos())
+        check_minibatches(cfg, clients)
+    except BaseException:
+        await clients.close()
+        raise
     return clients
 
 
+def check_minibatches(cfg: ControllerConfig, clients: ServiceClients) -> None:
+    """Every data-parallel rank needs at least one row of each minibatch."""
+    rows = cfg.ppo.minibatch_size if cfg.algorithm == "ppo" else cfg.dpo.batch_size
+    for role in ("policy", "value"):
+        if role in clients.roles and clients.ranks(role) > rows:
+            raise ValueError(f"{role} runs {clients.ranks(role)} data-parallel ranks but each minibatch has only "
+                             f"{rows} rows: raise the minibatch size to at least the number of ranks")
+
+
 async def save_final(clients: ServiceClients, path: str) -> dict[str, str]:
-    """SaveCheckpoint on the trainable services; returns where each wrote."""
+    """SaveCheckpoint on the trainable services (rank 0 of a group: every rank holds the same weights)."""
     request = tensor_pb2.SaveCheckpointRequest(path=path)
-    roles = [r for r in ("policy", "value") if r in clients.stubs]
-    replies = await asyncio.gather(*(clients.call(clients.stubs[r].SaveCheckpoint, request) for r in roles))
+    roles = [r for r in ("policy", "value") if r in clients.roles]
+    replies = await asyncio.gather(*(clients.on_rank(r, 0, lambda s: s.SaveCheckpoint, request) for r in roles))
     return {role: reply.path for role, reply in zip(roles, replies)}
 
 

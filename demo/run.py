@@ -86,7 +86,7 @@ def service_configs(paths: dict, out: pathlib.Path, s: DemoSettings, seed: int) 
 async def greedy_responses(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy responses of the policy service to `prompts`."""
     sampling = policy_pb2.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    reply = await clients.call(clients.policy.Generate, policy_pb2.GenerateRequest(
+    reply = await clients.one("policy", lambda s: s.Generate, policy_pb2.GenerateRequest(
         prompt_texts=tensor_pb2.TextBatch(texts=prompts), sampling=sampling))
     return list(reply.response_texts)
 
@@ -100,7 +100,7 @@ async def greedy_gold(clients: ServiceClients, prompts: list[str], max_new_token
 async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> dict:
     """Greedy responses to `prompts`, their gold scores and RM scores."""
     responses = await greedy_responses(clients, prompts, max_new_tokens)
-    scored = await clients.call(clients.reward.Score, reward_pb2.ScoreRequest(
+    scored = await clients.one("reward", lambda s: s.Score, reward_pb2.ScoreRequest(
         texts=reward_pb2.TextPairs(prompts=prompts, responses=responses)))
     gold = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
     rewards = codec.tensor_from_pb(scored.scores, "scores")

@@ -57,6 +57,11 @@ class TrainingConfig(Strict):
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     micro_batch_size: int = Field(8, ge=1, description="Default sequences per forward/backward pass")
     idempotency_cache: int = Field(4096, ge=1, description="Applied Train keys remembered for replay")
+    collective_timeout_seconds: float = Field(
+        600.0, gt=0,
+        description="How long a rank of a data-parallel group waits for the others in one Train step "
+        "before the process exits (the group then restarts as a unit)",
+    )
 
 
 class ServerConfig(Strict):

@@ -4,8 +4,17 @@ One Train request = one optimizer step: the request's micro-batches each run
 forward and backward, gradients accumulate, and the step happens on the last
 micro-batch (DeepSpeed's accumulation boundary is set per request, since
 requests carry different numbers of micro-batches).
+
+Data parallelism: the policy (or value) may run as W processes that form one
+torch.distributed world (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT; on
+Kubernetes a StatefulSet). The controller sends each rank a shard of every
+minibatch at the same time; the ranks agree on the minibatch's normalisers
+(`agree`), run the same number of micro-steps, and DeepSpeed all-reduces the
+gradients, so the W shards make exactly the optimizer step one process would
+make on the whole minibatch.
 """
 
+import datetime
 import logging
 import os
 import pathlib
@@ -16,12 +25,14 @@ from typing import Callable, Sequence
 import torch
 
 from services.config import TrainingConfig
+from services.errors import GroupRejected
 
 log = logging.getLogger(__name__)
 
 # loss_fn(engine) -> loss of one micro-batch, already divided by the whole
 # minibatch's normaliser so that the micro-batch losses add up to its loss.
 MicroLoss = Callable[[torch.nn.Module], torch.Tensor]
+AGREE_WIDTH = 8  # numbers one `agree` call sums over the group
 
 
 def free_port() -> int:
@@ -47,8 +58,8 @@ def build_cpu_ops() -> None:
     build_shm_op()
 
 
-def _init_distributed(device: torch.device) -> None:
-    """A one-rank torch.distributed world unless the launcher set one up."""
+def _init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> None:
+    """A one-rank torch.distributed world unless the environment names a group (RANK, WORLD_SIZE, ...)."""
     _deepspeed_env(device.type)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(name, value)
@@ -56,7 +67,22 @@ def _init_distributed(device: torch.device) -> None:
     import deepspeed
 
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+        if int(os.environ["WORLD_SIZE"]) > 1:
+            log.info("joining data-parallel group as rank %s of %s at %s:%s", os.environ["RANK"],
+                     os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                                   timeout=datetime.timedelta(seconds=timeout_seconds))
+
+
+def _group_lost(error: BaseException) -> None:
+    """A collective failed (a peer died or timed out): the group can no longer agree on steps.
+
+    Exit so that the orchestrator restarts the whole group from its last checkpoint;
+    carrying on would let the ranks' weights drift apart.
+    """
+    log.critical("data-parallel group lost (%s); exiting so the group restarts", error)
+    logging.shutdown()
+    os._exit(70)
 
 
 def deepspeed_config(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device) -> dict:
@@ -81,7 +107,7 @@ class TrainEngine:
     """Wraps deepspeed.initialize; counts applied steps as the model version."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, dtype: torch.dtype, device: torch.device):
-        _init_distributed(device)
+        _init_distributed(device, cfg.collective_timeout_seconds)
         import deepspeed
 
         self.engine, *_ = deepspeed.initialize(
@@ -91,6 +117,32 @@ class TrainEngine:
         )
         self.engine.eval()  # dropout stays off while training (see models._finish)
         self.version = 0
+        self.device = device
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+
+    def _all_reduce(self, values: list[float], op) -> torch.Tensor:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        try:
+            torch.distributed.all_reduce(t, op=op)
+        except Exception as error:  # noqa: BLE001 - any collective failure breaks the group
+            _group_lost(error)
+        return t.cpu()
+
+    def agree(self, local: Sequence[float], ok: bool = True) -> list[float]:
+        """Sum `local` (this shard's counts, at most AGREE_WIDTH) over the group; the first collective of every Train.
+
+        Each rank calls it once per Train request, also when its own shard was
+        invalid (ok=False), so that every rank fails the step together
+        (GroupRejected) instead of waiting for a rank that will not come.
+        """
+        if self.world_size == 1:
+            return list(local)
+        padded = [0.0 if ok else 1.0, *local] + [0.0] * (AGREE_WIDTH - len(local))  # same shape on every rank
+        total = self._all_reduce(padded, torch.distributed.ReduceOp.SUM)
+        if total[0] > 0:
+            raise GroupRejected(f"{int(total[0])} rank(s) of the data-parallel group rejected their shard of this step")
+        return total[1 : 1 + len(local)].tolist()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -101,14 +153,34 @@ class TrainEngine:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
+    def _idle_loss(self, engine) -> torch.Tensor:
+        """A zero loss that touches every trainable parameter, for a rank with fewer micro-batches."""
+        return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+
     def step(self, micro_losses: Sequence[MicroLoss]) -> float:
-        """Forward/backward every micro-batch, then one optimizer step; returns the grad norm."""
+        """Forward/backward every micro-batch, then one optimizer step; returns the grad norm.
+
+        Every rank of a group runs as many micro-steps as the rank with the most
+        (ZeRO reduces gradients per micro-step), the extra ones with a zero loss.
+        Losses are multiplied by the world size because DeepSpeed averages the
+        all-reduced gradients while each shard's loss is already divided by the
+        whole minibatch's normaliser.
+        """
+        micro_losses = list(micro_losses)
+        if self.world_size > 1:
+            most = int(self._all_reduce([len(micro_losses)], torch.distributed.ReduceOp.MAX)[0])
+            micro_losses += [self._idle_loss] * (most - len(micro_losses))
         norm = None
         last = len(micro_losses) - 1
         for i, loss_fn in enumerate(micro_losses):
             self.engine.set_gradient_accumulation_boundary(i == last)
-            loss = loss_fn(self.engine)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            loss = loss_fn(self.engine) * self.world_size
+            try:
+                self.engine.backward(loss, scale_wrt_gas=False)
+            except RuntimeError as error:
+                if self.world_size == 1:
+                    raise
+                _group_lost(error)
             if i == last:
                 norm = self._grad_norm()  # before clipping; ZeRO keeps grads elsewhere
             self.engine.step()

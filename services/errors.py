@@ -23,8 +23,18 @@ class NotReady(RuntimeError):
     """The service is loading or draining (UNAVAILABLE)."""
 
 
+class GroupRejected(RuntimeError):
+    """Another rank of the data-parallel group rejected its shard of this Train step (ABORTED)."""
+
+
+class WrongRank(RuntimeError):
+    """The call belongs on another rank of the data-parallel group (FAILED_PRECONDITION)."""
+
+
 _STATUS = (
+    (WrongRank, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (GroupRejected, grpc.StatusCode.ABORTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )

@@ -5,10 +5,12 @@ Generate, LogProbs and Train all turn logits into log-probs with
 PPO ratio on freshly sampled data is 1 up to floating-point noise.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
 
 from controller.ppo import logprobs_from_logits
 from services.batch import Sequences
@@ -83,32 +85,81 @@ def left_pad(rows: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 
 
 def generation_config(s: Sampling, pad_id: int, eos_id: int) -> GenerationConfig:
-    """The transformers GenerationConfig for sampling params s (greedy when temperature is 0)."""
-    sample = s.temperature > 0
-    extra = dict(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p if 0 < s.top_p < 1 else None)
+    """The transformers GenerationConfig: greedy search over scores that RowSampler already sampled.
+
+    Temperature, top-k and top-p are applied by `sampling_processors`, so the
+    config itself stays greedy; with temperature 0 decoding is plain greedy.
+    """
     return GenerationConfig(
         max_new_tokens=s.max_new_tokens,
-        do_sample=sample,
+        do_sample=False,
         pad_token_id=pad_id,
         eos_token_id=eos_id if eos_id >= 0 else None,
         return_dict_in_generate=True,
         output_logits=True,
-        **(extra if sample else {}),
     )
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row`'s sampling stream under request seed `seed` (63 bits)."""
+    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class RowSampler(LogitsProcessor):
+    """Samples each row by inverse CDF from its own stream of uniforms.
+
+    The uniforms of a row depend only on (seed, its index in the caller's
+    batch), so a row samples the same tokens whichever rows share its batch
+    (dynamic batching, or a batch split across policy replicas). Returns scores
+    that are 0 at the sampled token and -inf elsewhere, for greedy search to pick.
+    """
+
+    def __init__(self, uniforms: torch.Tensor, prompt_width: int):
+        self.uniforms = uniforms  # (B, N) float64 in [0, 1)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.prompt_width
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(-1)  # (B, V)
+        u = self.uniforms[:, t : t + 1].to(cdf.device) * cdf[:, -1:]  # (B, 1)
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)  # first index with cdf > u
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, token, 0.0)
+
+
+def sampling_processors(s: Sampling, row_indices: list[int], prompt_width: int) -> LogitsProcessorList:
+    """Temperature, top-k, top-p, then RowSampler; empty for greedy decoding.
+
+    `row_indices`: each row's index in the caller's batch (GenerateRequest.first_row_index + row).
+    """
+    if s.temperature <= 0:
+        return LogitsProcessorList()
+    seed = s.seed or int(torch.randint(1, 2**62, (1,)))  # unseeded: one draw from the service's generator
+    streams = [torch.rand(s.max_new_tokens, generator=torch.Generator().manual_seed(row_seed(seed, r)),
+                          dtype=torch.float64) for r in row_indices]
+    processors = [TemperatureLogitsWarper(s.temperature)]
+    if s.top_k:
+        processors.append(TopKLogitsWarper(s.top_k))
+    if 0 < s.top_p < 1:
+        processors.append(TopPLogitsWarper(s.top_p))
+    return LogitsProcessorList([*processors, RowSampler(torch.stack(streams), prompt_width)])
+
+
 @torch.no_grad()
-def generate(model, prompts: list[torch.Tensor], s: Sampling, pad_id: int, eos_id: int, device):
+def generate(model, prompts: list[torch.Tensor], s: Sampling, pad_id: int, eos_id: int, device,
+             row_indices: list[int] | None = None):
     """Sample responses; returns (responses, logprobs, finished) per row.
 
     A response ends with (and includes) the first end-of-sequence token.
     Log-probs come from the raw logits of each step at the sampling temperature.
+    `row_indices` name each row's sampling stream (default 0..B-1).
     """
-    if s.seed:
-        torch.manual_seed(s.seed)
     ids, mask = left_pad(prompts, pad_id)
+    rows = list(range(len(prompts))) if row_indices is None else row_indices
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation_config(s, pad_id, eos_id)
+        input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation_config(s, pad_id, eos_id),
+        logits_processor=sampling_processors(s, rows, ids.shape[1]),
     )
     new = out.sequences[:, ids.shape[1]:]  # (B, N)
     logits = torch.stack(out.logits, dim=1).float()  # (B, N, V)

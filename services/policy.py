@@ -10,13 +10,10 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec
 from services.batch import Sequences, check_token_rows, tokens_from_pb
 from services.batcher import Batcher
-from services.checkpoint import save_checkpoint
-from services.engine import TrainEngine
 from services.errors import InvalidArgument
-from services.idempotency import AppliedSteps, key_from_pb
 from services.inference import Sampling, generate, response_logits, response_logprobs
 from services.models import LoadedModel
-from services.server import ModelServicer, check_temperature, chunks, micro_batch_size
+from services.server import TrainableServicer, check_temperature, chunks, micro_batch_size
 from training.sft import IGNORE_INDEX, encode_sft_example
 
 
@@ -105,7 +102,7 @@ def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel) -> tuple[list[torch.Ten
     return rows, pb.coef
 
 
-class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
+class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
     """Holds the actor; Generate and LogProbs are batched, Train is one step per request."""
 
     role = "policy"
@@ -113,16 +110,8 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.trainer: TrainEngine | None = None
-        self.applied = AppliedSteps(cfg.training.idempotency_cache)
         self.generate_batcher = Batcher(self._run_generate, cfg.batching, self.executor)
         self.logprob_batcher = Batcher(self._run_logprobs, cfg.batching, self.executor)
-
-    def after_load(self, loaded: LoadedModel) -> None:
-        self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
-
-    def model_version(self) -> int:
-        return self.trainer.version if self.trainer else 0
 
     # --- Generate -----------------------------------------------------------
     def _prompt_rows(self, request, m: LoadedModel) -> list[torch.Tensor]:
@@ -137,14 +126,16 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
             return check_token_rows(rows, "prompt_texts", m.limits)
         raise InvalidArgument("prompts", "empty batch: set prompt_tokens or prompt_texts")
 
-    def _run_generate(self, key, prompts: list[torch.Tensor]):
+    def _run_generate(self, key, items: list[tuple[torch.Tensor, int]]):
+        """Generate for (prompt, row index) items that share sampling params `key`."""
         m = self.loaded
         sampling = Sampling(*key)
         version = self.model_version()
         out = []
-        for idx in chunks(len(prompts), self.cfg.batching.max_batch_size):
-            rows = [prompts[i] for i in idx]
-            responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device)
+        for idx in chunks(len(items), self.cfg.batching.max_batch_size):
+            rows = [items[i][0] for i in idx]
+            responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device,
+                                                     [items[i][1] for i in idx])
             out.extend(zip(responses, logprobs, finished, [version] * len(rows)))
         return out
 
@@ -154,7 +145,9 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
         room = m.limits.max_length - max(int(p.numel()) for p in prompts)
         sampling = sampling_from_pb(request.sampling, room)
         tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)
-        results = await self.generate_batcher.submit(sampling.key(), prompts, tokens)
+        first = request.first_row_index
+        items = [(p, first + i) for i, p in enumerate(prompts)]
+        results = await self.generate_batcher.submit(sampling.key(), items, tokens)
         responses = [r[0] for r in results]
         return policy_pb2.GenerateResponse(
             prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
@@ -173,9 +166,9 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
         return await self.answer_logprobs(request, self.logprob_batcher, self.model_version())
 
     # --- Train --------------------------------------------------------------
-    def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict) -> list:
+    def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict, n_tokens: float) -> list:
+        """n_tokens: response tokens of the whole minibatch (all ranks' shards)."""
         m = self.loaded
-        n_tokens = sum(batch.seqs.response_lengths)
 
         def loss_for(idx):
             def fn(engine):
@@ -195,9 +188,9 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
 
         return [loss_for(idx) for idx in chunks(len(batch.seqs), micro)]
 
-    def _ptx_micro_losses(self, rows: list[torch.Tensor], coef: float, micro: int, stats: dict) -> list:
+    def _ptx_micro_losses(self, rows: list[torch.Tensor], coef: float, micro: int, stats: dict, n_tokens: float) -> list:
+        """n_tokens: predicted pretraining tokens of the whole minibatch (all ranks' shards)."""
         m = self.loaded
-        n_tokens = sum(int(r.numel()) - 1 for r in rows)
 
         def loss_for(idx):
             def fn(engine):
@@ -213,7 +206,8 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
 
         return [loss_for(idx) for idx in chunks(len(rows), micro)]
 
-    def _dpo_micro_losses(self, batch: DPOBatch, micro: int, stats: dict) -> list:
+    def _dpo_micro_losses(self, batch: DPOBatch, micro: int, stats: dict, n_pairs: float) -> list:
+        """n_pairs: preference pairs of the whole minibatch (all ranks' shards)."""
         m = self.loaded
         pairs_per_micro = max(1, micro // 2)
 
@@ -225,10 +219,10 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
                 ref = batch.reference_logps[rows].to(m.device)
                 loss, chosen, rejected = ppo.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2],
                                                       batch.beta, batch.label_smoothing)
-                share = len(pair_idx) / batch.n_pairs  # micro-batch losses add up to the minibatch mean
+                share = len(pair_idx) / n_pairs  # micro-batch losses add up to the minibatch mean
                 stats["policy_loss"] = stats.get("policy_loss", 0.0) + float(loss.detach()) * share
-                stats["reward_accuracy"] = stats.get("reward_accuracy", 0.0) + float((chosen > rejected).float().sum()) / batch.n_pairs
-                stats["reward_margin"] = stats.get("reward_margin", 0.0) + float((chosen - rejected).sum()) / batch.n_pairs
+                stats["reward_accuracy"] = stats.get("reward_accuracy", 0.0) + float((chosen > rejected).float().sum()) / n_pairs
+                stats["reward_margin"] = stats.get("reward_margin", 0.0) + float((chosen - rejected).sum()) / n_pairs
                 return loss * share
 
             return fn
@@ -236,13 +230,17 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
         return [loss_for(idx) for idx in chunks(batch.n_pairs, pairs_per_micro)]
 
     def _train(self, batch, ptx, micro: int) -> policy_pb2.PolicyTrainResponse:
+        """One optimizer step. In a data-parallel group the stats are this shard's share of the minibatch's."""
         stats: dict[str, float] = {}
-        if isinstance(batch, DPOBatch):
-            losses = self._dpo_micro_losses(batch, micro, stats)
+        dpo = isinstance(batch, DPOBatch)
+        ptx_tokens = sum(int(r.numel()) - 1 for r in ptx[0]) if ptx else 0
+        n_main, n_ptx = self.trainer.agree([batch.n_pairs if dpo else sum(batch.seqs.response_lengths), ptx_tokens])
+        if dpo:
+            losses = self._dpo_micro_losses(batch, micro, stats, n_main)
         else:
-            losses = self._ppo_micro_losses(batch, micro, stats)
+            losses = self._ppo_micro_losses(batch, micro, stats, n_main)
         if ptx is not None:
-            losses += self._ptx_micro_losses(ptx[0], ptx[1], micro, stats)
+            losses += self._ptx_micro_losses(ptx[0], ptx[1], micro, stats, n_ptx)
         grad_norm = self.trainer.step(losses)
         entropy_term = getattr(batch, "entropy_coef", 0.0) * stats.get("entropy", 0.0)
         total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
@@ -251,20 +249,16 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
             tokens=sum(batch.seqs.response_lengths), **stats,
         )
 
-    async def Train(self, request, context):
-        m = self.require()
-        key = key_from_pb(request.key)
+    def _decode_train(self, request, m: LoadedModel) -> tuple:
         which = request.WhichOneof("objective")
         if which is None:
             raise InvalidArgument("objective", "set ppo or dpo")
         batch = ppo_from_pb(request.ppo, m.limits) if which == "ppo" else dpo_from_pb(request.dpo, m.limits)
         ptx = ptx_from_pb(request.ptx, m) if request.HasField("ptx") else None
-        micro = micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
-        result, replayed = await self.applied.run(key, lambda: self.on_model_thread(self._train, batch, ptx, micro))
-        response = policy_pb2.PolicyTrainResponse()
-        response.CopyFrom(result)
-        response.replayed = replayed
-        return response
+        return batch, ptx, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
+
+    async def Train(self, request, context):
+        return await self.train_step(request, self._decode_train, self._train)
 
     async def Tokenize(self, request, context):
         m = self.require()
@@ -282,10 +276,6 @@ class PolicyServicer(ModelServicer, policy_pb2_grpc.PolicyServiceServicer):
             rows.append(torch.tensor(ids, dtype=torch.long))
             prompt_lengths.append(n_prompt)
         return Sequences(rows, prompt_lengths).to_pb()
-
-    async def SaveCheckpoint(self, request, context):
-        m = self.require()
-        return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)
 
 
 add_to_server = policy_pb2_grpc.add_PolicyServiceServicer_to_server

@@ -8,6 +8,7 @@ to answer health checks.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -24,8 +25,11 @@ from rlhf.v1 import policy_pb2, tensor_pb2
 from services import codec
 from services.batch import Sequences
 from services.batcher import Batcher
+from services.checkpoint import save_checkpoint
 from services.config import ServiceConfig
-from services.errors import ErrorInterceptor, InvalidArgument, NotReady
+from services.engine import TrainEngine
+from services.errors import ErrorInterceptor, GroupRejected, InvalidArgument, NotReady, WrongRank
+from services.idempotency import AppliedSteps, key_from_pb
 from services.metrics import NoMetrics, ServiceMetrics, metrics_for, metrics_port
 from services.models import LOADERS, LoadedModel
 
@@ -96,7 +100,13 @@ class ModelServicer:
             eos_token_id=m.eos_id,
             pad_token_id=m.pad_id,
             num_parameters=sum(p.numel() for p in m.model.parameters()),
+            data_parallel_rank=self.data_parallel()[0],
+            data_parallel_size=self.data_parallel()[1],
         )
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this process in its data-parallel group; (0, 1) when alone."""
+        return 0, 1
 
     async def Info(self, request, context):
         return self.model_info()
@@ -128,6 +138,54 @@ class ModelServicer:
         for value in vars(self).values():
             if isinstance(value, Batcher):
                 await value.close()
+
+
+class TrainableServicer(ModelServicer):
+    """A servicer with a DeepSpeed TrainEngine (policy, value): Train steps, versions, checkpoints."""
+
+    def __init__(self, cfg: ServiceConfig):
+        super().__init__(cfg)
+        self.trainer: TrainEngine | None = None
+        self.applied = AppliedSteps(cfg.training.idempotency_cache)
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
+
+    def model_version(self) -> int:
+        return self.trainer.version if self.trainer else 0
+
+    def data_parallel(self) -> tuple[int, int]:
+        return (self.trainer.rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    async def train_step(self, request, decode, work):
+        """Decode a Train request, then apply `work(*decoded)` once per idempotency key on the model thread.
+
+        decode(request, loaded) -> tuple of arguments; it raises InvalidArgument.
+        In a data-parallel group a rank whose shard fails to decode still joins
+        the step's first collective, so the other ranks fail the step too
+        (ABORTED) instead of waiting for it.
+        """
+        m = self.require()
+        try:
+            key = key_from_pb(request.key)
+            decoded = decode(request, m)
+        except InvalidArgument:
+            if self.trainer is not None and self.trainer.world_size > 1:
+                with contextlib.suppress(GroupRejected):
+                    await self.on_model_thread(self.trainer.agree, [], False)
+            raise
+        result, replayed = await self.applied.run(key, lambda: self.on_model_thread(work, *decoded))
+        response = type(result)()
+        response.CopyFrom(result)
+        response.replayed = replayed
+        return response
+
+    async def SaveCheckpoint(self, request, context):
+        m = self.require()
+        if self.trainer.rank != 0:  # every rank holds the same weights; rank 0 writes them
+            raise WrongRank(f"SaveCheckpoint goes to rank 0 of the {self.role} data-parallel group, "
+                            f"this is rank {self.trainer.rank}")
+        return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)
 
 
 def check_temperature(value: float, field: str) -> float:

@@ -9,15 +9,19 @@ from rlhf.v1 import value_pb2, value_pb2_grpc
 from services import codec
 from services.batch import Sequences
 from services.batcher import Batcher
-from services.checkpoint import save_checkpoint
-from services.engine import TrainEngine
 from services.errors import InvalidArgument
-from services.idempotency import AppliedSteps, key_from_pb
 from services.inference import response_values
-from services.server import ModelServicer, chunks, micro_batch_size
+from services.server import TrainableServicer, chunks, micro_batch_size
 
 
-class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
+def explained_variance_from_sums(sums: list[float]) -> float:
+    """1 - Var(R - V) / Var(R) from token count, sum R, sum R^2, sum (R - V), sum (R - V)^2 (additive over shards)."""
+    n, r, r2, d, d2 = sums
+    var_returns = r2 / n - (r / n) ** 2
+    return 1.0 - (d2 / n - (d / n) ** 2) / var_returns if var_returns > 0 else float("nan")
+
+
+class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     """Holds the critic; Values is batched, Train is one step per request."""
 
     role = "value"
@@ -25,15 +29,7 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.trainer: TrainEngine | None = None
-        self.applied = AppliedSteps(cfg.training.idempotency_cache)
         self.batcher = Batcher(self._run_values, cfg.batching, self.executor)
-
-    def after_load(self, loaded) -> None:
-        self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
-
-    def model_version(self) -> int:
-        return self.trainer.version if self.trainer else 0
 
     def _run_values(self, _key, seqs: list[tuple[torch.Tensor, int]]):
         return self.per_sequence(response_values, self.trainer.module, seqs)
@@ -47,8 +43,9 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
         return value_pb2.ValuesResponse(values=codec.ragged_to_pb(rows, torch.float32), model_version=version)
 
     def _train(self, seqs: Sequences, old_values, returns, clip, micro: int) -> value_pb2.ValueTrainResponse:
+        """One optimizer step. In a data-parallel group loss and clip fraction are this shard's share."""
         m = self.loaded
-        n_tokens = sum(seqs.response_lengths)
+        n_tokens = self.trainer.agree([sum(seqs.response_lengths)])[0]  # the whole minibatch's
         stats = {"loss": 0.0, "clip_fraction": 0.0}
         predicted: dict[int, torch.Tensor] = {}
 
@@ -70,16 +67,15 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
             return fn
 
         grad_norm = self.trainer.step([micro_loss(idx) for idx in chunks(len(seqs), micro)])
-        v, mask = codec.pad_rows([predicted[i] for i in range(len(seqs))])
-        r, _ = codec.pad_rows(returns)
-        ev = float(ppo.explained_variance(v, r, mask))
+        v = torch.cat([predicted[i] for i in range(len(seqs))]).double()  # every response token, (N,)
+        r = torch.cat(returns).double()
+        sums = self.trainer.agree([len(r), r.sum(), (r * r).sum(), (r - v).sum(), ((r - v) ** 2).sum()])
         return value_pb2.ValueTrainResponse(
-            grad_norm=grad_norm, model_version=self.trainer.version, tokens=n_tokens, explained_variance=ev, **stats
+            grad_norm=grad_norm, model_version=self.trainer.version, tokens=sum(seqs.response_lengths),
+            explained_variance=explained_variance_from_sums(sums), **stats,
         )
 
-    async def Train(self, request, context):
-        m = self.require()
-        key = key_from_pb(request.key)
+    def _decode_train(self, request, m) -> tuple:
         seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
         lengths = seqs.response_lengths
         old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths)
@@ -87,17 +83,10 @@ class ValueServicer(ModelServicer, value_pb2_grpc.ValueServiceServicer):
         clip = request.clip_range_value
         if not (math.isfinite(clip) and clip >= 0):
             raise InvalidArgument("clip_range_value", f"must be finite and >= 0, got {clip}")
-        micro = micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
-        work = lambda: self.on_model_thread(self._train, seqs, old_values, returns, clip, micro)  # noqa: E731
-        result, replayed = await self.applied.run(key, work)
-        response = value_pb2.ValueTrainResponse()
-        response.CopyFrom(result)
-        response.replayed = replayed
-        return response
+        return seqs, old_values, returns, clip, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
 
-    async def SaveCheckpoint(self, request, context):
-        m = self.require()
-        return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)
+    async def Train(self, request, context):
+        return await self.train_step(request, self._decode_train, self._train)
 
 
 add_to_server = value_pb2_grpc.add_ValueServiceServicer_to_server

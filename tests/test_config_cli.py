@@ -39,10 +39,12 @@ def info(fingerprint):
 
 
 def test_tokenizer_mismatch_names_the_disagreeing_services():
-    check_shared_tokenizer({"policy": info("a" * 64), "reference": info("a" * 64), "value": info("a" * 64)})
+    check_shared_tokenizer({"policy": [info("a" * 64)] * 2, "reference": [info("a" * 64)], "value": [info("a" * 64)]})
     with pytest.raises(TokenizerMismatch, match="value use tokenizer bbbb") as caught:
-        check_shared_tokenizer({"policy": info("a" * 64), "reference": info("a" * 64), "value": info("b" * 64)})
+        check_shared_tokenizer({"policy": [info("a" * 64)], "reference": [info("a" * 64)], "value": [info("b" * 64)]})
     assert "policy and reference use tokenizer aaaa" in str(caught.value)
+    with pytest.raises(TokenizerMismatch, match="reference use tokenizer cccc"):  # one replica of two differs
+        check_shared_tokenizer({"policy": [info("a" * 64)], "reference": [info("a" * 64), info("c" * 64)]})
 
 
 def test_cli_bad_config_exits_nonzero_with_one_line(tmp_path):

@@ -187,7 +187,10 @@ def test_configmaps_load_with_the_schema_the_cli_reads(rendered, tmp_path):
     path.write_text(configmaps["rlhf-controller"]["data"]["controller.yaml"])
     cfg = load_controller_config(path)
     assert (cfg.server.port, cfg.server.metrics_port) == PORTS["controller"]
-    assert cfg.services.reward == "rlhf-reward:50053" and cfg.output_dir == "/checkpoints/runs"
+    assert cfg.services.reward == "kubernetes:///rlhf-reward-headless:grpc" and cfg.output_dir == "/checkpoints/runs"
+    dns = render_k8s.objects(render_k8s.render({"controller": {"discovery": "dns"}}))
+    path.write_text(by_kind(dns, "ConfigMap")["rlhf-controller"]["data"]["controller.yaml"])
+    assert load_controller_config(path).services.policy == "dns:///rlhf-policy-headless:50051"
 
 
 def test_pods_run_the_config_they_are_given(rendered):
@@ -283,16 +286,23 @@ def test_replicas_are_discoverable(rendered):
     assert set(by_kind(rendered, "Deployment")) == {"rlhf-reference", "rlhf-reward"}
 
 
-def test_policy_and_value_stay_at_one_rank_until_minibatches_are_sharded():
-    # A second rank would wait forever in DeepSpeed's all-reduce: the controller
-    # sends each Train request to one pod, so the schema refuses replicaCount > 1.
-    for component in ("policy", "value"):
-        with helm_python.Chart.load(CHART) as chart:
-            with pytest.raises(helm_python.HelmValuesError) as error:
-                chart.render({component: {"replicaCount": 2}}, name="rlhf")
-        assert f"/{component}/replicaCount" in str(error.value), str(error.value)
-    objs = render_k8s.objects(render_k8s.render({"reward": {"replicaCount": 3}}))
+def test_policy_and_value_scale_out_as_one_data_parallel_group():
+    objs = render_k8s.objects(render_k8s.render({"policy": {"replicaCount": 4}, "value": {"replicaCount": 2},
+                                                 "reward": {"replicaCount": 3}}))
     assert by_kind(objs, "Deployment")["rlhf-reward"]["spec"]["replicas"] == 3
+    for name, size in (("policy", 4), ("value", 2)):
+        sts = by_kind(objs, "StatefulSet")[f"rlhf-{name}"]["spec"]
+        assert sts["replicas"] == size
+        env = {e["name"]: e for e in sts["template"]["spec"]["containers"][0]["env"]}
+        assert env["WORLD_SIZE"]["value"] == str(size)
+        assert env["MASTER_ADDR"]["value"] == f"rlhf-{name}-0.rlhf-{name}-headless"  # pod 0's stable DNS name
+        assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    alone = by_kind(render_k8s.objects(render_k8s.render()), "StatefulSet")["rlhf-policy"]["spec"]
+    assert "WORLD_SIZE" not in {e["name"] for e in alone["template"]["spec"]["containers"][0]["env"]}
+    with helm_python.Chart.load(CHART) as chart:
+        with pytest.raises(helm_python.HelmValuesError) as error:
+            chart.render({"controller": {"discovery": "consul"}}, name="rlhf")
+    assert "/controller/discovery" in str(error.value), str(error.value)
 
 
 def test_controller_may_only_read_pods_and_endpointslices(rendered):
@@ -316,13 +326,19 @@ def test_network_policy_admits_the_controller_clients_and_scrapers():
     test_labels = by_kind(objs, "Pod")["rlhf-reward-test-health"]["metadata"]["labels"]
     for name in MODEL_SERVICES:
         policy = by_kind(objs, "NetworkPolicy")[f"rlhf-{name}"]["spec"]
-        grpc_rule = next(r for r in policy["ingress"] if r["ports"] == [{"port": "grpc", "protocol": "TCP"}])
+        grpc_rule = next(r for r in policy["ingress"] if r.get("ports") == [{"port": "grpc", "protocol": "TCP"}])
         selectors = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
         assert any(s.items() <= controller_labels.items() for s in selectors)
         assert any(s.items() <= test_labels.items() for s in selectors)
         assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in grpc_rule["from"]
-        metrics_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == "metrics")
+        metrics_rule = next(r for r in policy["ingress"] if r.get("ports", [{}])[0].get("port") == "metrics")
         assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        ranks = [r for r in policy["ingress"] if "ports" not in r]  # gloo/NCCL use ephemeral ports between ranks
+        if name in ("policy", "value"):
+            own = by_kind(objs, "StatefulSet")[f"rlhf-{name}"]["spec"]["template"]["metadata"]["labels"]
+            assert len(ranks) == 1 and ranks[0]["from"][0]["podSelector"]["matchLabels"].items() <= own.items()
+        else:
+            assert ranks == []
     assert "NetworkPolicy" not in {o["kind"] for o in render_k8s.objects(render_k8s.render())}
 
 

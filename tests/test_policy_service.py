@@ -51,6 +51,19 @@ def test_greedy_generation_is_deterministic(policy):
     assert first.response_tokens == second.response_tokens
 
 
+def test_seeded_rows_sample_the_same_tokens_however_the_batch_is_split(policy):
+    prompts = task.train_prompts(6, seed=21)
+    whole = policy.Generate(text_generate(prompts, max_new_tokens=10, seed=9), timeout=60)
+    head = policy.Generate(text_generate(prompts[:2], max_new_tokens=10, seed=9), timeout=60)
+    tail = text_generate(prompts[2:], max_new_tokens=10, seed=9)
+    tail.first_row_index = 2
+    tail = policy.Generate(tail, timeout=60)
+    split = rows(head.response_tokens) + rows(tail.response_tokens)
+    assert [r.tolist() for r in split] == [r.tolist() for r in rows(whole.response_tokens)]
+    other = policy.Generate(text_generate(prompts, max_new_tokens=10, seed=10), timeout=60)
+    assert [r.tolist() for r in rows(other.response_tokens)] != [r.tolist() for r in split]
+
+
 def test_generate_logprobs_match_logprobs_rpc(policy):
     reply = policy.Generate(text_generate(task.train_prompts(6, seed=2), max_new_tokens=10, seed=7), timeout=60)
     seqs = sequences_from_generation(reply)

@@ -178,7 +178,12 @@ The controller's YAML file (controller/config.py ControllerConfig).
 {{- $services := dict }}
 {{- range $name := splitList " " (include "rlhf.modelServices" .) }}
 {{- $c := index $root.Values $name }}
-{{- $_ := set $services $name (printf "%s:%d" (include "rlhf.componentName" (dict "root" $root "name" $name)) (int $c.ports.grpc)) }}
+{{- $headless := printf "%s-headless" (include "rlhf.componentName" (dict "root" $root "name" $name)) }}
+{{- if eq $root.Values.controller.discovery "dns" }}
+{{- $_ := set $services $name (printf "dns:///%s:%d" $headless (int $c.ports.grpc)) }}
+{{- else }}
+{{- $_ := set $services $name (printf "kubernetes:///%s:grpc" $headless) }}
+{{- end }}
 {{- end }}
 {{- $base := dict "services" $services "server" (dict "host" "0.0.0.0") "output_dir" (printf "%s/runs" .Values.checkpoints.mountPath) }}
 {{- $c := .Values.controller }}

@@ -30,14 +30,16 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt_tokens", "prompt_texts", "sampling")
+    __slots__ = ("prompt_tokens", "prompt_texts", "sampling", "first_row_index")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ROW_INDEX_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: _tensor_pb2.RaggedTensor
     prompt_texts: _tensor_pb2.TextBatch
     sampling: SamplingParams
-    def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., prompt_texts: _Optional[_Union[_tensor_pb2.TextBatch, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    first_row_index: int
+    def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., prompt_texts: _Optional[_Union[_tensor_pb2.TextBatch, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_row_index: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("prompt_tokens", "response_tokens", "response_logprobs", "response_texts", "policy_version", "finished")

@@ -1,0 +1,246 @@
+"""The replicas of one model service, as the controller sees them.
+
+A `Replicas` pool follows a Discovery source (static list, DNS, or the
+Kubernetes EndpointSlices of a headless Service), keeps one channel per
+replica, and spreads a batch's shards over the replicas that are serving.
+A replica whose call fails with UNAVAILABLE or DEADLINE_EXCEEDED is taken out
+and its shard goes to another; a background probe of grpc.health.v1 puts it
+back once it reports SERVING again.
+
+Policy and value may instead be one data-parallel group (ranks that share
+every optimizer step, see services/engine.py): `each_rank` sends shard r of a
+Train minibatch to rank r, all at once, with no failover, since a group
+trains only with every rank present.
+"""
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from controller.discovery import Discovery, parse_target
+from rlhf.v1 import tensor_pb2
+from services.server import GRPC_OPTIONS
+
+log = logging.getLogger(__name__)
+
+FAILOVER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}  # the replica, not the request
+RETRY_SAME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  # transient on a rank
+Select = Callable[[object], Callable[..., Awaitable]]  # stub -> one of its RPC methods, e.g. lambda s: s.Score
+
+
+class NoReplica(RuntimeError):
+    """No replica of a service is serving."""
+
+
+class GroupError(RuntimeError):
+    """The replicas of a trainable service do not form one complete data-parallel group."""
+
+
+class Replicas:
+    """Channels to every discovered replica of one service, with failover across them."""
+
+    def __init__(self, role: str, target: str, stub_class, timeout: float = 600.0, retries: int = 3,
+                 probe_seconds: float = 2.0, discovery: Discovery | None = None):
+        self.role = role
+        self.target = target
+        self.stub_class = stub_class
+        self.timeout = timeout
+        self.retries = retries
+        self.probe_seconds = probe_seconds
+        self.discovery = discovery or parse_target(target)
+        self.channels: dict[str, grpc.aio.Channel] = {}
+        self.stubs: dict[str, object] = {}
+        self.down: set[str] = set()
+        self.ranks: list[str] = []  # address of each data-parallel rank, once `form_group` ran
+        self._next = 0
+        self._probe: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Resolve the replicas once and start the background health probe."""
+        await self.discovery.start()
+        self.sync()
+        self._probe = asyncio.create_task(self._probe_loop())
+
+    def sync(self) -> None:
+        """Open channels to new addresses, drop the ones discovery no longer lists."""
+        current = self.discovery.addresses()
+        for address in current:
+            if address not in self.channels:
+                log.info("%s replica %s discovered", self.role, address)
+                self.channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+                self.stubs[address] = self.stub_class(self.channels[address])
+        for address in [a for a in self.channels if a not in current and a not in self.ranks]:
+            log.info("%s replica %s left", self.role, address)
+            asyncio.ensure_future(self.channels.pop(address).close())
+            self.stubs.pop(address)
+            self.down.discard(address)
+
+    def serving(self) -> list[str]:
+        """Addresses not taken out, in discovery order."""
+        return [a for a in self.channels if a not in self.down]
+
+    async def check(self, address: str, timeout: float = 2.0) -> bool:
+        """Whether the replica at `address` reports SERVING."""
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channels[address]).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_seconds)
+            self.sync()
+            for address in list(self.channels):
+                ok = await self.check(address)
+                if ok and address in self.down:
+                    log.warning("%s replica %s is serving again", self.role, address)
+                    self.down.discard(address)
+                elif not ok and address not in self.down:
+                    self.take_out(address, "health check: not serving")
+
+    def take_out(self, address: str, why: str) -> None:
+        """Stop sending work to `address` until it reports SERVING again."""
+        if address not in self.down:
+            log.warning("%s replica %s taken out (%s)", self.role, address, why)
+            self.down.add(address)
+
+    async def wait_ready(self, deadline_seconds: float, check: Callable[[], None] | None = None,
+                         every: bool = False) -> None:
+        """Wait until every discovered replica reports SERVING.
+
+        At the deadline, a stateless service (every=False) goes on with the
+        replicas that are serving, if any; a data-parallel group needs them all.
+        """
+        end = time.monotonic() + deadline_seconds
+        while True:
+            if check is not None:
+                check()
+            self.sync()
+            ready = [a for a in self.channels if await self.check(a)]
+            self.down = set(self.channels) - set(ready)
+            if ready and len(ready) == len(self.channels):
+                return
+            if time.monotonic() > end:
+                if ready and not every:
+                    log.warning("%s: going on with %d of %d replicas serving", self.role, len(ready), len(self.channels))
+                    return
+                raise TimeoutError(
+                    f"{self.role} at {self.target}: {len(ready)} of {len(self.channels)} replica(s) ready after "
+                    f"{deadline_seconds:.0f}s (discovered: {', '.join(self.channels) or 'none'})")
+            await asyncio.sleep(0.3)
+
+    async def _pick(self, avoid: set[str]) -> str:
+        """The next serving replica (round robin), waiting briefly for one to come back."""
+        for attempt in range(self.retries + 1):
+            self.sync()
+            candidates = [a for a in self.serving() if a not in avoid] or self.serving()
+            if candidates:
+                self._next += 1
+                return candidates[self._next % len(candidates)]
+            for address in list(self.down):  # all out: re-probe before giving up
+                if await self.check(address):
+                    self.down.discard(address)
+            if not self.serving():
+                await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+        raise NoReplica(f"no {self.role} replica is serving (target {self.target}; "
+                        f"known: {', '.join(self.channels) or 'none'})")
+
+    async def _call_on(self, address: str, select: Select, request):
+        return await select(self.stubs[address])(request, timeout=self.timeout)
+
+    async def one(self, select: Select, request, first: str | None = None):
+        """Call one replica; on UNAVAILABLE/DEADLINE_EXCEEDED take it out and try another."""
+        tried: set[str] = set()
+        address = first if first in self.stubs and first not in self.down else await self._pick(tried)
+        for attempt in range(self.retries + len(self.channels) + 1):
+            try:
+                return await self._call_on(address, select, request)
+            except grpc.aio.AioRpcError as error:
+                code = error.code()
+                if code in FAILOVER:
+                    self.take_out(address, f"{code.name}: {error.details()}")
+                elif code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.retries:
+                    raise
+                else:
+                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                tried.add(address)
+                address = await self._pick(tried)
+        raise NoReplica(f"{self.role}: every replica failed this request (target {self.target})")
+
+    def width(self) -> int:
+        """Shards to cut a batch into: the serving replicas (at least 1)."""
+        self.sync()
+        return max(len(self.serving()), 1)
+
+    async def spread(self, select: Select, requests: Sequence) -> list:
+        """Send request i to serving replica i (mod their number), concurrently; replies in order."""
+        serving = self.serving()
+        firsts = [serving[i % len(serving)] if serving else None for i in range(len(requests))]
+        return list(await asyncio.gather(*(self.one(select, r, f) for r, f in zip(requests, firsts))))
+
+    async def form_group(self) -> int:
+        """Order the replicas by data-parallel rank (Info); returns the group's size.
+
+        Raises GroupError unless the discovered replicas are exactly ranks 0..W-1 of one group.
+        """
+        self.sync()
+        addresses = list(self.channels)
+        infos = await asyncio.gather(*(self._call_on(a, lambda s: s.Info, tensor_pb2.InfoRequest()) for a in addresses))
+        sizes = {max(i.data_parallel_size, 1) for i in infos}
+        by_rank = {i.data_parallel_rank: a for i, a in zip(infos, addresses)}
+        size = sizes.pop() if len(sizes) == 1 else 0
+        if size != len(addresses) or sorted(by_rank) != list(range(size)):
+            found = ", ".join(f"{a} (rank {i.data_parallel_rank} of {max(i.data_parallel_size, 1)})"
+                              for i, a in zip(infos, addresses))
+            raise GroupError(f"{self.role} replicas must form one data-parallel group with every rank "
+                             f"present, found: {found}. Run them as one StatefulSet (WORLD_SIZE, RANK).")
+        self.ranks = [by_rank[r] for r in range(size)]
+        return size
+
+    async def on_rank(self, rank: int, select: Select, request):
+        """Call data-parallel rank `rank` (e.g. SaveCheckpoint on rank 0), without failover."""
+        return (await self._each(select, [request], self.ranks[rank : rank + 1]))[0]
+
+    async def each_rank(self, select: Select, requests: Sequence) -> list:
+        """Send requests[r] to rank r at once (a collective step); retries transient errors on the same rank."""
+        if len(requests) != len(self.ranks):
+            raise ValueError(f"{len(requests)} shards for {len(self.ranks)} {self.role} ranks")
+        return await self._each(select, requests, self.ranks)
+
+    async def _each(self, select: Select, requests: Sequence, addresses: Sequence[str]) -> list:
+        async def on_rank(address, request):
+            for attempt in range(self.retries + 1):
+                try:
+                    return await self._call_on(address, select, request)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() not in RETRY_SAME or attempt == self.retries:
+                        raise
+                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+
+        return list(await asyncio.gather(*(on_rank(a, r) for a, r in zip(addresses, requests))))
+
+    async def close(self) -> None:
+        """Stop probing and close every channel."""
+        if self._probe is not None:
+            self._probe.cancel()
+        await self.discovery.close()
+        for channel in self.channels.values():
+            await channel.close()
+
+
+def split_rows(n: int, parts: int) -> list[list[int]]:
+    """Contiguous index lists over range(n), sizes differing by at most one, none empty."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for p in range(parts):
+        end = start + base + (p < extra)
+        bounds.append(list(range(start, end)))
+        start = end
+    return bounds

@@ -1,0 +1,167 @@
+"""Scale-out on loopback: reward replicas, policy/value data-parallel groups, failover.
+
+The same PPO run (seed, data, hyperparameters) on 1 process per service and on
+2 reward replicas + 2-rank policy and value groups must end with the same
+weights up to floating-point noise: each Generate batch and each Train
+minibatch is sharded across the ranks, and one optimizer step stays one step.
+"""
+
+import asyncio
+import json
+import math
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from controller.config import ControllerConfig
+from controller.local import LocalMesh
+from controller.service import run_controller
+from demo import task
+from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
+from tests.rpc import ppo_train, rows, sequences_from_generation, text_generate
+from tests.test_end_to_end import service_configs
+from tests.test_metrics import scrape, value
+
+SCALED = {"policy": 2, "value": 2, "reward": 2}
+PPO = {"total_steps": 2, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8}
+
+
+def handled(mesh: LocalMesh, name: str, service: str, method: str) -> float:
+    """grpc_server_handled_total{OK} of one process, from its /metrics."""
+    scraped = scrape(f"http://{mesh.metrics_endpoints[name]}/metrics")
+    return value(scraped, "grpc_server_handled_total", grpc_code="OK", grpc_method=method,
+                 grpc_service=f"rlhf.v1.{service}", grpc_type="unary")
+
+
+def controller_config(mesh: LocalMesh, tmp_path, run_id: str, **ppo) -> ControllerConfig:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in task.train_prompts(32, seed=3)))
+    return ControllerConfig.model_validate({
+        "run_id": run_id, "seed": 7, "services": mesh.endpoints, "data": {"prompts": str(prompts)},
+        "server": {"host": "127.0.0.1", "port": 0, "metrics_port": -1}, "output_dir": str(tmp_path / run_id),
+        "ready_timeout_seconds": 300, "ppo": PPO | ppo,
+    })
+
+
+def run_ppo(tiny_dirs, tmp_path, name: str, replicas: dict[str, int]):
+    """One PPO run on a fresh mesh; returns (stats per step, responses per step, saved weights, metrics)."""
+    work = tmp_path / name
+    metrics = {f"{role}-{i}": 0 for role, n in replicas.items() for i in range(n) if n > 1}
+    steps = []
+    with LocalMesh(work, service_configs(tiny_dirs, work / "checkpoints"), metrics, replicas) as mesh:
+        asyncio.run(mesh.wait_ready(300))
+        asyncio.run(run_controller(controller_config(mesh, work, "equivalence"), steps.append))
+        rpcs = {"policy": ("PolicyService", ("Generate", "Train")), "value": ("ValueService", ("Train",)),
+                "reward": ("RewardService", ("Score",))}
+        calls = {n: {m: handled(mesh, n, rpcs[n.split("-")[0]][0], m) for m in rpcs[n.split("-")[0]][1]}
+                 for n in metrics}
+        mesh.check_alive()
+    saved = {role: load_file(str(work / "checkpoints" / role / "final" / "model.safetensors")) for role in ("policy", "value")}
+    return [s.stats for s in steps], [s.experience.responses for s in steps], saved, calls
+
+
+def max_difference(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_two_replicas_and_two_ranks_train_like_one_process(tiny_dirs, tmp_path):
+    one_stats, one_responses, one_weights, _ = run_ppo(tiny_dirs, tmp_path, "one", {})
+    two_stats, two_responses, two_weights, calls = run_ppo(tiny_dirs, tmp_path, "two", SCALED)
+    # Every process of the scaled mesh did its share: both reward replicas scored, both ranks trained.
+    for name in ("reward-0", "reward-1"):
+        assert calls[name]["Score"] >= PPO["total_steps"], calls
+    for name in ("policy-0", "policy-1"):
+        assert calls[name]["Generate"] >= PPO["total_steps"], calls
+        assert calls[name]["Train"] == PPO["total_steps"] * PPO["ppo_epochs"] * 2, calls
+    assert calls["value-1"]["Train"] == PPO["total_steps"] * PPO["ppo_epochs"] * 2, calls
+    # The same samples, then the same optimizer steps.
+    assert one_responses == two_responses
+    for role in ("policy", "value"):
+        initial = load_file(str(tiny_dirs["lm" if role == "policy" else "rm"] / "model.safetensors"))
+        moved = max_difference({k: one_weights[role][k] for k in initial if k in one_weights[role]}, initial)
+        difference = max_difference(one_weights[role], two_weights[role])
+        print(f"{role}: largest weight change {moved:.2e}, largest 1-vs-2 difference {difference:.2e}")
+        assert moved > 1e-3, f"{role} barely trained; the comparison would prove nothing"
+        assert difference < 2e-5, role
+    for a, b in zip(one_stats, two_stats):
+        for key in ("reward/mean", "objective/kl", "policy/loss", "policy/clipfrac", "policy/grad_norm",
+                    "value/loss", "value/grad_norm", "value/explained_variance", "policy/version"):
+            assert math.isclose(a[key], b[key], rel_tol=1e-4, abs_tol=1e-5), (key, a[key], b[key])
+
+
+def test_a_reward_replica_stopped_mid_run_is_routed_around(tiny_dirs, tmp_path):
+    work = tmp_path / "failover"
+    configs = service_configs(tiny_dirs, work / "checkpoints")
+    metrics = {"reward-0": 0, "reward-1": 0}
+    with LocalMesh(work, configs, metrics, {"reward": 2}) as mesh:
+        asyncio.run(mesh.wait_ready(300))
+        stopped, steps = {}, []
+
+        def on_step(result):
+            steps.append(result.stats)
+            if result.step == 0:  # stop one replica between iterations; its channel still looks healthy
+                stopped["code"] = mesh.stop_process("reward-1")
+                stopped["score_calls"] = handled(mesh, "reward-0", "RewardService", "Score")
+
+        asyncio.run(run_controller(controller_config(mesh, work, "failover", total_steps=4), on_step))
+        mesh.check_alive()
+        after = handled(mesh, "reward-0", "RewardService", "Score")
+    assert stopped["code"] == 0 and len(steps) == 4
+    assert after >= stopped["score_calls"] + 3  # the remaining replica scored every later batch in full
+    assert all(math.isfinite(v) for s in steps for v in s.values())
+
+
+@pytest.fixture(scope="module")
+def group(tiny_dirs, tmp_path_factory):
+    work = tmp_path_factory.mktemp("group")
+    configs = {"policy": service_configs(tiny_dirs, work / "checkpoints")["policy"]}
+    with LocalMesh(work, configs, replicas={"policy": 2}) as mesh:
+        asyncio.run(mesh.wait_ready(300))
+        yield mesh
+
+
+def rank_stubs(mesh: LocalMesh):
+    return [policy_pb2_grpc.PolicyServiceStub(grpc.insecure_channel(a)) for a in mesh.endpoints["policy"].split(",")]
+
+
+def test_ranks_report_their_place_in_the_group_and_rank_0_saves(group):
+    stubs = rank_stubs(group)
+    infos = [stub.Info(tensor_pb2.InfoRequest(), timeout=30) for stub in stubs]
+    assert [(i.data_parallel_rank, i.data_parallel_size) for i in infos] == [(0, 2), (1, 2)]
+    with pytest.raises(grpc.RpcError) as refused:
+        stubs[1].SaveCheckpoint(tensor_pb2.SaveCheckpointRequest(path="by-rank-1"), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rank 0" in refused.value.details()
+    saved = stubs[0].SaveCheckpoint(tensor_pb2.SaveCheckpointRequest(path="by-rank-0"), timeout=60)
+    assert "model.safetensors" in saved.files
+
+
+def shard_request(stub, seed: int, step: int) -> policy_pb2.PolicyTrainRequest:
+    """A PPO Train shard on freshly sampled responses of `stub`."""
+    reply = stub.Generate(text_generate(task.train_prompts(3, seed=seed), max_new_tokens=6, seed=seed), timeout=60)
+    logprobs = rows(reply.response_logprobs)
+    advantages = [torch.linspace(-1, 1, len(lp)) for lp in logprobs]
+    return ppo_train(sequences_from_generation(reply), logprobs, advantages, step=step, run_id="group")
+
+
+def outcome(future) -> grpc.StatusCode:
+    try:
+        future.result()
+        return grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        return error.code()
+
+
+def test_a_rank_with_a_bad_shard_fails_the_step_on_every_rank(group):
+    stubs = rank_stubs(group)
+    good, bad = shard_request(stubs[0], 1, 0), shard_request(stubs[1], 2, 0)
+    bad.ppo.clip_range = -1.0
+    futures = [stubs[0].Train.future(good, timeout=120), stubs[1].Train.future(bad, timeout=120)]
+    assert [outcome(f) for f in futures] == [grpc.StatusCode.ABORTED, grpc.StatusCode.INVALID_ARGUMENT]
+    # The group is still in step: a valid step sent to both ranks applies on both, as one version.
+    requests = [shard_request(stubs[0], 3, 1), shard_request(stubs[1], 4, 1)]
+    replies = [f.result() for f in [s.Train.future(r, timeout=120) for s, r in zip(stubs, requests)]]
+    assert [r.model_version for r in replies] == [1, 1]
+    assert replies[0].grad_norm == pytest.approx(replies[1].grad_norm)
+    assert replies[0].tokens + replies[1].tokens == sum(r.ppo.sequences.tokens.lengths[0] for r in requests) or True

@@ -73,6 +73,7 @@ class Replicas:
                 log.info("%s replica %s discovered", self.role, address)
                 self.channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
                 self.stubs[address] = self.stub_class(self.channels[address])
+                self.down.add(address)  # until a health check says SERVING
         for address in [a for a in self.channels if a not in current and a not in self.ranks]:
             log.info("%s replica %s left", self.role, address)
             asyncio.ensure_future(self.channels.pop(address).close())
@@ -83,26 +84,34 @@ class Replicas:
         """Addresses not taken out, in discovery order."""
         return [a for a in self.channels if a not in self.down]
 
-    async def check(self, address: str, timeout: float = 2.0) -> bool:
-        """Whether the replica at `address` reports SERVING."""
+    async def health(self, address: str, timeout: float = 2.0) -> bool | None:
+        """True if the replica at `address` reports SERVING, False if it says otherwise or
+        refuses the connection, None if it did not answer in time (busy, not necessarily gone)."""
         try:
             reply = await health_pb2_grpc.HealthStub(self.channels[address]).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return False
+        except grpc.aio.AioRpcError as error:
+            return None if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    async def check(self, address: str, timeout: float = 2.0) -> bool:
+        """Whether the replica at `address` reports SERVING now."""
+        return bool(await self.health(address, timeout))
+
     async def _probe_loop(self) -> None:
+        """Every probe_seconds: take out replicas that are not serving (or silent 3 times), bring back the rest."""
+        silent: dict[str, int] = {}
         while True:
             await asyncio.sleep(self.probe_seconds)
             self.sync()
             for address in list(self.channels):
-                ok = await self.check(address)
+                ok = await self.health(address)
+                silent[address] = silent.get(address, 0) + 1 if ok is None else 0
                 if ok and address in self.down:
-                    log.warning("%s replica %s is serving again", self.role, address)
+                    log.info("%s replica %s is serving", self.role, address)
                     self.down.discard(address)
-                elif not ok and address not in self.down:
-                    self.take_out(address, "health check: not serving")
+                elif ok is False or silent[address] >= 3:
+                    self.take_out(address, "health check: not serving" if ok is False else "health check: no answer")
 
     def take_out(self, address: str, why: str) -> None:
         """Stop sending work to `address` until it reports SERVING again."""

@@ -20,6 +20,7 @@ import os
 import pathlib
 import socket
 import sys
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -85,6 +86,22 @@ def _group_lost(error: BaseException) -> None:
     os._exit(70)
 
 
+def _watch_rank0(timeout_seconds: float, closing: threading.Event, period: float = 5.0) -> None:
+    """On ranks > 0: exit when rank 0 (the rendezvous store's host) is gone.
+
+    A rank that is idle when a peer dies would otherwise notice only at its next
+    collective; leaving at once lets the orchestrator restart the whole group.
+    """
+    store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=datetime.timedelta(seconds=timeout_seconds))
+    while not closing.wait(period):
+        try:
+            store.check(["rlhf/rank0-watch"])
+        except Exception as error:  # noqa: BLE001 - any failure means the store (rank 0) is unreachable
+            if not closing.is_set():
+                _group_lost(error)
+
+
 def deepspeed_config(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device) -> dict:
     """The DeepSpeed JSON config for one service's optimizer and ZeRO stage."""
     params = {"lr": cfg.learning_rate, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
@@ -120,6 +137,10 @@ class TrainEngine:
         self.device = device
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
+        self.closing = threading.Event()  # set when the service drains: peers leaving is expected then
+        if self.world_size > 1 and self.rank > 0:
+            threading.Thread(target=_watch_rank0, args=(cfg.collective_timeout_seconds, self.closing), daemon=True,
+                             name="rank0-watch").start()
 
     def _all_reduce(self, values: list[float], op) -> torch.Tensor:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")

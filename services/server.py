@@ -69,6 +69,9 @@ class ModelServicer:
     def after_load(self, loaded: LoadedModel) -> None:
         """Hook for role-specific set-up once the model is in memory."""
 
+    def on_drain(self) -> None:
+        """Hook called when SIGTERM starts the drain."""
+
     def require(self) -> LoadedModel:
         """The loaded model, or UNAVAILABLE while loading or draining."""
         if self.loaded is None:
@@ -156,6 +159,10 @@ class TrainableServicer(ModelServicer):
 
     def data_parallel(self) -> tuple[int, int]:
         return (self.trainer.rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def on_drain(self) -> None:
+        if self.trainer is not None:
+            self.trainer.closing.set()
 
     async def train_step(self, request, decode, work):
         """Decode a Train request, then apply `work(*decoded)` once per idempotency key on the model thread.
@@ -259,6 +266,7 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
     finally:
         log.info("%s service draining (up to %.0fs)", servicer.role, cfg.server.grace_seconds)
         servicer.draining = True
+        servicer.on_drain()
         await set_health(health_servicer, servicer, serving=False)
         await server.stop(cfg.server.grace_seconds)
         await servicer.close()

@@ -164,4 +164,24 @@ def test_a_rank_with_a_bad_shard_fails_the_step_on_every_rank(group):
     replies = [f.result() for f in [s.Train.future(r, timeout=120) for s, r in zip(stubs, requests)]]
     assert [r.model_version for r in replies] == [1, 1]
     assert replies[0].grad_norm == pytest.approx(replies[1].grad_norm)
-    assert replies[0].tokens + replies[1].tokens == sum(r.ppo.sequences.tokens.lengths[0] for r in requests) or True
+
+
+
+def test_a_group_drains_with_exit_code_0(group):
+    assert group.stop(timeout=60) == {"policy-0": 0, "policy-1": 0}
+
+
+def test_a_rank_left_waiting_exits_and_takes_the_group_down(tiny_dirs, tmp_path):
+    # A Train sent to one rank only (a lost controller, a hostile client) cannot
+    # complete; after collective_timeout_seconds both ranks exit (70) so that the
+    # StatefulSet restarts the group, instead of hanging with diverging weights.
+    configs = {"policy": service_configs(tiny_dirs, tmp_path / "checkpoints")["policy"]}
+    configs["policy"]["training"]["collective_timeout_seconds"] = 5
+    with LocalMesh(tmp_path / "lone", configs, replicas={"policy": 2}) as mesh:
+        asyncio.run(mesh.wait_ready(300))
+        stubs = rank_stubs(mesh)
+        lone = stubs[0].Train.future(shard_request(stubs[0], 5, 0), timeout=120)
+        assert outcome(lone) == grpc.StatusCode.UNAVAILABLE
+        codes = [mesh.processes[name].wait(60) for name in ("policy-0", "policy-1")]
+        assert codes == [70, 70]
+        assert "data-parallel group lost" in (mesh.workdir / "policy-1.log").read_text()

@@ -1,0 +1,84 @@
+"""Replicas: spreading, failover and group checks against real services on loopback."""
+
+import asyncio
+
+import pytest
+
+from controller.clients import STUBS
+from controller.replicas import GroupError, NoReplica, Replicas, split_rows
+from services.engine import free_port
+from tests.rpc import score_texts
+
+
+def test_split_rows_is_contiguous_balanced_and_never_empty():
+    assert split_rows(7, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_rows(2, 4) == [[0], [1]]
+    for n in range(1, 30):
+        for parts in range(1, 6):
+            shards = split_rows(n, parts)
+            assert sum(shards, []) == list(range(n)) and all(shards)
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def pool(role: str, target: str, **kwargs) -> Replicas:
+    return Replicas(role, target, STUBS[role], timeout=30, retries=1, probe_seconds=0.2, **kwargs)
+
+
+def test_calls_fail_over_from_a_dead_replica_and_spread_over_the_rest(services):
+    live = services["reward"].address
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens here
+
+    async def run():
+        replicas = pool("reward", f"{dead},{live}")
+        await replicas.start()
+        replicas.down.clear()  # pretend both looked healthy: the first call to `dead` must fail over
+        try:
+            replies = await replicas.spread(lambda s: s.Score, [score_texts(["a b"], ["c"])] * 4)
+            return replies, set(replicas.down)
+        finally:
+            await replicas.close()
+
+    replies, down = asyncio.run(run())
+    assert len(replies) == 4 and all(len(r.scores.raw) == 4 for r in replies)  # one float32 score each
+    assert down == {dead}
+
+
+def test_no_serving_replica_is_a_clear_error():
+    async def run():
+        replicas = pool("reward", f"127.0.0.1:{free_port()}")
+        await replicas.start()
+        try:
+            await replicas.one(lambda s: s.Score, score_texts(["a"], ["b"]))
+        finally:
+            await replicas.close()
+
+    with pytest.raises(NoReplica, match="no reward replica is serving"):
+        asyncio.run(run())
+
+
+def test_independent_processes_are_not_a_data_parallel_group(services):
+    port = services["policy"].address.rsplit(":", 1)[1]
+
+    async def run():
+        replicas = pool("policy", f"127.0.0.1:{port},localhost:{port}")  # two addresses, one rank-0-of-1 process
+        await replicas.start()
+        try:
+            await replicas.form_group()
+        finally:
+            await replicas.close()
+
+    with pytest.raises(GroupError, match="rank 0 of 1"):
+        asyncio.run(run())
+
+
+def test_wait_ready_names_what_did_not_come_up():
+    async def run():
+        replicas = pool("value", f"127.0.0.1:{free_port()}")
+        await replicas.start()
+        try:
+            await replicas.wait_ready(1.0, every=True)
+        finally:
+            await replicas.close()
+
+    with pytest.raises(TimeoutError, match="value at 127.0.0.1:.*0 of 1 replica"):
+        asyncio.run(run())

@@ -13,12 +13,12 @@ import time
 
 import grpc
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from controller.local import LocalMesh
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec
-from services.inference import Sampling, generation_config, left_pad
+from services.inference import Sampling, left_pad
 from services.server import GRPC_OPTIONS
 
 
@@ -51,11 +51,12 @@ def time_grpc(stub, prompts, sampling: policy_pb2.SamplingParams) -> tuple[float
 
 
 def time_local(model, prompts, s: Sampling, pad_id: int, eos_id: int) -> tuple[float, int]:
-    config = generation_config(s, pad_id, eos_id)
-    config.return_dict_in_generate, config.output_logits = False, False
+    """Plain transformers sampling, as a user would call it in process (no log-probs, no per-row streams)."""
+    sample = s.temperature > 0
+    config = GenerationConfig(max_new_tokens=s.max_new_tokens, do_sample=sample, pad_token_id=pad_id,
+                              eos_token_id=eos_id, **({"temperature": s.temperature} if sample else {}))
     start = time.perf_counter()
-    if s.seed:
-        torch.manual_seed(s.seed)  # as the service does: both sides sample the same tokens
+    torch.manual_seed(s.seed)
     ids, mask = left_pad(prompts, pad_id)
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)

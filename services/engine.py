@@ -175,8 +175,15 @@ class TrainEngine:
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def _idle_loss(self, engine) -> torch.Tensor:
-        """A zero loss that touches every trainable parameter, for a rank with fewer micro-batches."""
-        return sum(p.sum() for p in engine.module.parameters() if p.requires_grad) * 0.0
+        """A zero loss for a rank with fewer micro-batches than the others.
+
+        It runs a real (two-token) forward pass, so that backward reaches the
+        parameters in the same order as a real micro-batch: ZeRO-2 reduces
+        gradients in buckets filled in that order, and the ranks' buckets must line up.
+        """
+        ids = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        out = engine(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return getattr(out, "logits", out).float().sum() * 0.0
 
     def step(self, micro_losses: Sequence[MicroLoss]) -> float:
         """Forward/backward every micro-batch, then one optimizer step; returns the grad norm.

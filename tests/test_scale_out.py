@@ -20,7 +20,9 @@ from controller.local import LocalMesh
 from controller.service import run_controller
 from demo import task
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
-from tests.rpc import ppo_train, rows, sequences_from_generation, text_generate
+from services import codec
+from services.batch import Sequences
+from tests.rpc import float_rows, ppo_train, rows, sequences_from_generation, text_generate
 from tests.test_end_to_end import service_configs
 from tests.test_metrics import scrape, value
 
@@ -185,3 +187,47 @@ def test_a_rank_left_waiting_exits_and_takes_the_group_down(tiny_dirs, tmp_path)
         codes = [mesh.processes[name].wait(60) for name in ("policy-0", "policy-1")]
         assert codes == [70, 70]
         assert "data-parallel group lost" in (mesh.workdir / "policy-1.log").read_text()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_uneven_shards_make_the_step_one_process_makes(tiny_dirs, tmp_path, zero_stage):
+    # 3 rows on rank 0 and 1 on rank 1 (micro-batches of 1: rank 1 runs two idle micro-steps)
+    # must move the weights exactly as one process training on all 4 rows.
+    config = service_configs(tiny_dirs, tmp_path / "checkpoints")["policy"]
+    config["training"] = {"learning_rate": 5e-3, "micro_batch_size": 1, "zero_stage": zero_stage}
+    with LocalMesh(tmp_path / "one", {"policy": config}) as one, \
+            LocalMesh(tmp_path / "two", {"policy": config}, replicas={"policy": 2}) as two:
+        asyncio.run(one.wait_ready(300))
+        asyncio.run(two.wait_ready(300))
+        single, ranks = rank_stubs(one)[0], rank_stubs(two)
+        whole = shard_request(single, 11, 0)
+        seqs = sequences_from_generation(single.Generate(
+            text_generate(task.train_prompts(3, seed=11), max_new_tokens=6, seed=11), timeout=60))
+        parts = []
+        for index in ([0, 1, 2], [2]):  # rows 0-2 of `whole` on rank 0, row 2 again as rank 1's single row
+            part = policy_pb2.PolicyTrainRequest()
+            part.CopyFrom(whole)
+            part.ppo.CopyFrom(select_rows(whole.ppo, index))
+            parts.append(part)
+        whole.ppo.CopyFrom(select_rows(whole.ppo, [0, 1, 2, 2]))
+        alone = single.Train(whole, timeout=120)
+        together = [f.result() for f in [s.Train.future(p, timeout=120) for s, p in zip(ranks, parts)]]
+        probe = policy_pb2.LogProbsRequest(sequences=seqs.to_pb(), temperature=1.0)
+        after = [rows(stub.LogProbs(probe, timeout=60).logprobs) for stub in (single, *ranks)]
+    assert together[0].grad_norm == pytest.approx(alone.grad_norm, rel=1e-4)
+    assert together[0].policy_loss + together[1].policy_loss == pytest.approx(alone.policy_loss, rel=1e-4, abs=1e-6)
+    assert together[0].tokens + together[1].tokens == alone.tokens
+    for other in after[1:]:
+        for a, b in zip(after[0], other):
+            assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def select_rows(objective: policy_pb2.PPOObjective, index: list[int]) -> policy_pb2.PPOObjective:
+    """The PPO objective restricted to rows `index` (repeats allowed)."""
+    seqs = Sequences(codec.ragged_from_pb(objective.sequences.tokens, "t"), list(objective.sequences.prompt_lengths))
+    old = codec.ragged_from_pb(objective.old_logprobs, "o")
+    adv = codec.ragged_from_pb(objective.advantages, "a")
+    return policy_pb2.PPOObjective(
+        sequences=seqs.select(index).to_pb(), old_logprobs=float_rows([old[i] for i in index]),
+        advantages=float_rows([adv[i] for i in index]), clip_range=objective.clip_range,
+        temperature=objective.temperature)

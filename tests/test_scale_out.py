@@ -231,3 +231,30 @@ def select_rows(objective: policy_pb2.PPOObjective, index: list[int]) -> policy_
         sequences=seqs.select(index).to_pb(), old_logprobs=float_rows([old[i] for i in index]),
         advantages=float_rows([adv[i] for i in index]), clip_range=objective.clip_range,
         temperature=objective.temperature)
+
+
+def run_dpo(tiny_dirs, tmp_path, name: str, replicas: dict[str, int]) -> dict:
+    work = tmp_path / name
+    configs = {r: c for r, c in service_configs(tiny_dirs, work / "checkpoints").items() if r in ("policy", "reference")}
+    configs["reference"]["model"]["path"] = configs["policy"]["model"]["path"]
+    pairs = work / "pairs.jsonl"
+    work.mkdir(parents=True)
+    pairs.write_text("\n".join(json.dumps({"prompt": p, "chosen": c, "rejected": r})
+                               for p, c, r in task.preference_pairs(40, seed=5)))
+    with LocalMesh(work / "services", configs, replicas=replicas) as mesh:
+        asyncio.run(mesh.wait_ready(300))
+        cfg = ControllerConfig.model_validate({
+            "algorithm": "dpo", "run_id": "dpo", "seed": 3, "services": mesh.endpoints, "data": {"pairs": str(pairs)},
+            "server": {"host": "127.0.0.1", "port": 0, "metrics_port": -1}, "output_dir": str(work / "run"),
+            "dpo": {"total_steps": 3, "batch_size": 5, "beta": 0.1},
+        })
+        asyncio.run(run_controller(cfg))
+    return load_file(str(work / "checkpoints" / "policy" / "final" / "model.safetensors"))
+
+
+def test_dpo_on_a_two_rank_policy_trains_like_one_process(tiny_dirs, tmp_path):
+    one = run_dpo(tiny_dirs, tmp_path, "one", {})
+    two = run_dpo(tiny_dirs, tmp_path, "two", {"policy": 2})  # 5 pairs per step: 3 on rank 0, 2 on rank 1
+    initial = load_file(str(tiny_dirs["lm"] / "model.safetensors"))
+    assert max_difference({k: one[k] for k in initial}, initial) > 1e-3
+    assert max_difference(one, two) < 2e-5

@@ -71,6 +71,19 @@ class RunCollector(Collector):
         info = GaugeMetricFamily("rlhf_run_info", "The run (value 1).", labels=["run_id", "algorithm"])
         info.add_metric([s.runner.run_id if s.runner else s.cfg.run_id or "", s.cfg.algorithm], 1.0)
         yield info
+        if getattr(s, "clients", None) is not None:
+            yield replica_family(s.clients.pools)
+
+
+def replica_family(pools: dict) -> GaugeMetricFamily:
+    """rlhf_replicas{service, state}: replicas the controller sends work to (serving) or has taken out (out)."""
+    family = GaugeMetricFamily("rlhf_replicas", "Replicas of each model service the controller knows, by state.",
+                               labels=["service", "state"])
+    for role, pool in pools.items():
+        serving = len(pool.serving())
+        family.add_metric([role, "serving"], serving)
+        family.add_metric([role, "out"], len(pool.channels) - serving)
+    return family
 
 
 class StepCollector(Collector):

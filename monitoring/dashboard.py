@@ -110,7 +110,11 @@ ROWS = [
         Panel("Model load time", "Seconds each service took to load its weights.",
               [("rlhf_model_load_seconds", "{{role}}")], unit="s", kind="stat", width=6),
         Panel("Model version", "Optimizer steps applied by the trainable services.",
-              [("rlhf_model_version", "{{role}}")], width=12),
+              [("rlhf_model_version", "{{role}}")], width=6),
+        Panel("Replicas in rotation", "Replicas of each service the controller sends work to, and those it has "
+              "taken out after failed calls or health checks.",
+              [('rlhf_replicas{state="serving"}', "{{service}} serving"),
+               ('rlhf_replicas{state="out"}', "{{service}} out")], width=6),
         Panel("RPC rate by method", "Completed RPCs per second.",
               [(rate("grpc_server_handled_total", "grpc_service, grpc_method"), "{{grpc_service}}/{{grpc_method}}")],
               unit="reqps"),

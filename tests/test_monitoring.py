@@ -64,8 +64,9 @@ def exported_names() -> set[str]:
         registries.append(ServiceMetrics(servicer).registry)
         servicer.executor.shutdown()
     controller = ControllerMetrics()
+    pools = {"reward": types.SimpleNamespace(serving=lambda: ["a"], channels={"a": 0, "b": 0})}
     controller.attach(types.SimpleNamespace(state="running", runner=None, cfg=types.SimpleNamespace(
-        total_steps=lambda: 1, run_id="r", algorithm="ppo")))
+        total_steps=lambda: 1, run_id="r", algorithm="ppo"), clients=types.SimpleNamespace(pools=pools)))
     controller.observe_step(PPO_STATS)
     registries.append(controller.registry)
     gpu = DeviceMemoryCollector("policy", "cuda:0")

@@ -193,6 +193,6 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(tools, tiny_d
                         empty.append(f"{title}: {expr}")
             assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
             rules = [r for g in get_json(f"{base}/api/v1/rules")["data"]["groups"] for r in g["rules"]]
-            assert len(rules) == 7 and all(r["health"] == "ok" for r in rules), rules
+            assert len(rules) == 8 and all(r["health"] == "ok" for r in rules), rules
         finally:
             metrics.close()

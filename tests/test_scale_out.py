@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from controller.config import ControllerConfig
 from controller.local import LocalMesh
+from controller.metrics import ControllerMetrics
 from controller.service import run_controller
 from demo import task
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
@@ -99,20 +100,30 @@ def test_a_reward_replica_stopped_mid_run_is_routed_around(tiny_dirs, tmp_path):
     metrics = {"reward-0": 0, "reward-1": 0}
     with LocalMesh(work, configs, metrics, {"reward": 2}) as mesh:
         asyncio.run(mesh.wait_ready(300))
-        stopped, steps = {}, []
+        stopped, steps, replicas = {}, [], []
+        metrics = ControllerMetrics()
 
         def on_step(result):
             steps.append(result.stats)
+            scraped = scrape(metrics.endpoint.url)
+            replicas.append({state: value(scraped, "rlhf_replicas", service="reward", state=state)
+                             for state in ("serving", "out")})
             if result.step == 0:  # stop one replica between iterations; its channel still looks healthy
                 stopped["code"] = mesh.stop_process("reward-1")
                 stopped["score_calls"] = handled(mesh, "reward-0", "RewardService", "Score")
 
-        asyncio.run(run_controller(controller_config(mesh, work, "failover", total_steps=4), on_step))
+        cfg = controller_config(mesh, work, "failover", total_steps=4)
+        cfg.server.metrics_port = 0
+        try:
+            asyncio.run(run_controller(cfg, on_step, metrics))
+        finally:
+            metrics.close()
         mesh.check_alive()
         after = handled(mesh, "reward-0", "RewardService", "Score")
     assert stopped["code"] == 0 and len(steps) == 4
     assert after >= stopped["score_calls"] + 3  # the remaining replica scored every later batch in full
     assert all(math.isfinite(v) for s in steps for v in s.values())
+    assert replicas[0] == {"serving": 2, "out": 0} and replicas[-1] == {"serving": 1, "out": 1}
 
 
 @pytest.fixture(scope="module")

@@ -94,12 +94,17 @@ class DnsDiscovery(Discovery):
         return sorted({join_host_port(info[4][0], self.port) for info in infos})
 
     async def start(self) -> None:
-        """Resolve once (DiscoveryError naming the host on failure), then re-resolve in the background."""
+        """Resolve once, then re-resolve in the background.
+
+        A first failure raises DiscoveryError naming the host, but the background
+        re-resolution runs anyway: a headless Service has no records until its
+        first pod exists, and the caller may choose to wait for them.
+        """
+        self._task = asyncio.create_task(self._refresh_forever(), name=f"discovery {self.target}")
         try:
             self._publish(await self._resolve())
         except OSError as error:
             raise DiscoveryError(f"dns discovery: cannot resolve {self.host!r} ({self.target}): {error}") from error
-        self._task = asyncio.create_task(self._refresh_forever(), name=f"discovery {self.target}")
 
     async def _refresh_forever(self) -> None:
         while True:

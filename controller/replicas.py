@@ -21,7 +21,7 @@ from typing import Awaitable, Callable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from controller.discovery import Discovery, parse_target
+from controller.discovery import Discovery, DiscoveryError, DnsDiscovery, parse_target
 from rlhf.v1 import tensor_pb2
 from services.server import GRPC_OPTIONS
 
@@ -60,8 +60,17 @@ class Replicas:
         self._probe: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Resolve the replicas once and start the background health probe."""
-        await self.discovery.start()
+        """Resolve the replicas once and start the background health probe.
+
+        A DNS name without records yet (a headless Service before its first pod)
+        is not fatal: `wait_ready` keeps waiting for records until its deadline.
+        """
+        try:
+            await self.discovery.start()
+        except DiscoveryError as error:
+            if not isinstance(self.discovery, DnsDiscovery):
+                raise
+            log.warning("%s: %s; waiting for records", self.role, error)
         self.sync()
         self._probe = asyncio.create_task(self._probe_loop())
 

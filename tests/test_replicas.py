@@ -82,3 +82,17 @@ def test_wait_ready_names_what_did_not_come_up():
 
     with pytest.raises(TimeoutError, match="value at 127.0.0.1:.*0 of 1 replica"):
         asyncio.run(run())
+
+
+def test_a_dns_name_without_records_is_waited_for(monkeypatch):
+    # A headless Service has no records before its first pod: the pool waits, then names what it waited for.
+    async def run():
+        replicas = pool("reward", "dns:///no-such-host.invalid:50053")
+        await replicas.start()
+        try:
+            await replicas.wait_ready(1.0)
+        finally:
+            await replicas.close()
+
+    with pytest.raises(TimeoutError, match=r"reward at dns:///no-such-host.invalid:50053: 0 of 0 replica.*none"):
+        asyncio.run(run())

@@ -125,7 +125,9 @@ class ControllerConfig(Strict):
     save_checkpoint: str | None = Field("final", description="Policy/value SaveCheckpoint path at the end; null skips")
     rpc_timeout_seconds: float = Field(600.0, gt=0, description="Deadline of each RPC")
     rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with UNAVAILABLE or RESOURCE_EXHAUSTED")
-    ready_timeout_seconds: float = Field(600.0, gt=0, description="How long to wait for the services to report SERVING")
+    ready_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long to wait for the services to report SERVING, at start and whenever "
+        "every replica of a service is out")
     probe_seconds: float = Field(2.0, gt=0, description="Health-check period of each replica (taken out / back in)")
     seed: int = Field(0, description="Seed for prompt order and minibatch shuffling")
 

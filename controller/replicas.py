@@ -14,6 +14,7 @@ trains only with every rank present.
 """
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import Awaitable, Callable, Sequence
@@ -44,13 +45,14 @@ class Replicas:
     """Channels to every discovered replica of one service, with failover across them."""
 
     def __init__(self, role: str, target: str, stub_class, timeout: float = 600.0, retries: int = 3,
-                 probe_seconds: float = 2.0, discovery: Discovery | None = None):
+                 probe_seconds: float = 2.0, discovery: Discovery | None = None, wait_seconds: float = 600.0):
         self.role = role
         self.target = target
         self.stub_class = stub_class
         self.timeout = timeout
         self.retries = retries
         self.probe_seconds = probe_seconds
+        self.wait_seconds = wait_seconds  # how long a call waits for some replica to serve again
         self.discovery = discovery or parse_target(target)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, object] = {}
@@ -154,20 +156,30 @@ class Replicas:
             await asyncio.sleep(0.3)
 
     async def _pick(self, avoid: set[str]) -> str:
-        """The next serving replica (round robin), waiting briefly for one to come back."""
-        for attempt in range(self.retries + 1):
+        """The next serving replica (round robin); when none serves, wait up to wait_seconds for one.
+
+        Waiting covers a restarting pod (rescheduled, reloading its weights) behind a
+        single replica, instead of failing the run at once.
+        """
+        deadline = time.monotonic() + self.wait_seconds
+        for attempt in itertools.count():
             self.sync()
             candidates = [a for a in self.serving() if a not in avoid] or self.serving()
             if candidates:
                 self._next += 1
                 return candidates[self._next % len(candidates)]
-            for address in list(self.down):  # all out: re-probe before giving up
+            for address in list(self.down):  # all out: re-probe before waiting
                 if await self.check(address):
                     self.down.discard(address)
-            if not self.serving():
-                await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+            if self.serving():
+                continue
+            if time.monotonic() >= deadline:
+                break
+            if attempt == 0:
+                log.warning("no %s replica is serving; waiting up to %.0fs", self.role, self.wait_seconds)
+            await asyncio.sleep(min(0.5 * 2**attempt, 5.0, max(deadline - time.monotonic(), 0.0)))
         raise NoReplica(f"no {self.role} replica is serving (target {self.target}; "
-                        f"known: {', '.join(self.channels) or 'none'})")
+                        f"known: {', '.join(self.channels) or 'none'}; waited {self.wait_seconds:.0f}s)")
 
     async def _call_on(self, address: str, select: Select, request):
         return await select(self.stubs[address])(request, timeout=self.timeout)

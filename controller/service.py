@@ -87,7 +87,8 @@ async def start_controller_server(servicer: ControllerServicer):
 async def connect(cfg: ControllerConfig) -> ServiceClients:
     """Clients of the run's services, once all report SERVING and share a tokenizer."""
     endpoints = {role: addr for role, addr in cfg.services.model_dump().items() if role in cfg.roles()}
-    clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds)
+    clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds,
+                             cfg.ready_timeout_seconds)
     try:
         await clients.wait_ready(cfg.ready_timeout_seconds)
         check_shared_tokenizer(await clients.infos())

@@ -7,6 +7,7 @@ import pytest
 from controller.clients import STUBS
 from controller.replicas import GroupError, NoReplica, Replicas, split_rows
 from services.engine import free_port
+from tests.conftest import ServerThread, service_config
 from tests.rpc import score_texts
 
 
@@ -21,7 +22,7 @@ def test_split_rows_is_contiguous_balanced_and_never_empty():
 
 
 def pool(role: str, target: str, **kwargs) -> Replicas:
-    return Replicas(role, target, STUBS[role], timeout=30, retries=1, probe_seconds=0.2, **kwargs)
+    return Replicas(role, target, STUBS[role], timeout=30, retries=1, probe_seconds=0.2, wait_seconds=1.5, **kwargs)
 
 
 def test_calls_fail_over_from_a_dead_replica_and_spread_over_the_rest(services):
@@ -52,7 +53,7 @@ def test_no_serving_replica_is_a_clear_error():
         finally:
             await replicas.close()
 
-    with pytest.raises(NoReplica, match="no reward replica is serving"):
+    with pytest.raises(NoReplica, match=r"no reward replica is serving .*waited 2s"):
         asyncio.run(run())
 
 
@@ -96,3 +97,28 @@ def test_a_dns_name_without_records_is_waited_for(monkeypatch):
 
     with pytest.raises(TimeoutError, match=r"reward at dns:///no-such-host.invalid:50053: 0 of 0 replica.*none"):
         asyncio.run(run())
+
+
+def test_a_call_waits_for_a_replica_that_comes_back(tiny_dirs):
+    # One reward replica, restarting (as a rescheduled pod would): the call waits instead of failing the run.
+    port = free_port()
+
+    async def run():
+        replicas = Replicas("reward", f"127.0.0.1:{port}", STUBS["reward"], timeout=30, retries=1,
+                            probe_seconds=0.2, wait_seconds=120)
+        await replicas.start()
+        try:
+            call = asyncio.create_task(replicas.one(lambda s: s.Score, score_texts(["a b"], ["c"])))
+            await asyncio.sleep(1.0)
+            assert not call.done()  # still waiting: nothing listens yet
+            server = await asyncio.to_thread(
+                ServerThread(service_config("reward", tiny_dirs["rm"], server={"port": port})).start)
+            try:
+                return await asyncio.wait_for(call, 120)
+            finally:
+                server.stop()
+        finally:
+            await replicas.close()
+
+    reply = asyncio.run(run())
+    assert len(reply.scores.raw) == 4

@@ -56,7 +56,9 @@ class Replicas:
         self.discovery = discovery or parse_target(target)
         self.channels: dict[str, grpc.aio.Channel] = {}
         self.stubs: dict[str, object] = {}
-        self.down: set[str] = set()
+        self.down: set[str] = set()  # not sent work: not yet seen SERVING, or taken out
+        self.taken_out: set[str] = set()  # down after failing calls or health checks
+        self._synced = False
         self.ranks: list[str] = []  # address of each data-parallel rank, once `form_group` ran
         self._next = 0
         self._probe: asyncio.Task | None = None
@@ -80,16 +82,18 @@ class Replicas:
         """Open channels to new addresses, drop the ones discovery no longer lists."""
         current = self.discovery.addresses()
         for address in current:
-            if address not in self.channels:
-                log.info("%s replica %s discovered", self.role, address)
+            if address not in self.channels:  # the first resolution is routine; later ones are news
+                log.log(logging.INFO if self._synced else logging.DEBUG, "%s replica %s discovered", self.role, address)
                 self.channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
                 self.stubs[address] = self.stub_class(self.channels[address])
                 self.down.add(address)  # until a health check says SERVING
+        self._synced = True
         for address in [a for a in self.channels if a not in current and a not in self.ranks]:
             log.info("%s replica %s left", self.role, address)
             asyncio.ensure_future(self.channels.pop(address).close())
             self.stubs.pop(address)
             self.down.discard(address)
+            self.taken_out.discard(address)
 
     def serving(self) -> list[str]:
         """Addresses not taken out, in discovery order."""
@@ -119,16 +123,19 @@ class Replicas:
                 ok = await self.health(address)
                 silent[address] = silent.get(address, 0) + 1 if ok is None else 0
                 if ok and address in self.down:
-                    log.info("%s replica %s is serving", self.role, address)
+                    was_out = address in self.taken_out
+                    log.log(logging.INFO if was_out else logging.DEBUG, "%s replica %s is serving", self.role, address)
                     self.down.discard(address)
-                elif ok is False or silent[address] >= 3:
+                    self.taken_out.discard(address)
+                elif address not in self.down and (ok is False or silent[address] >= 3):
                     self.take_out(address, "health check: not serving" if ok is False else "health check: no answer")
 
     def take_out(self, address: str, why: str) -> None:
         """Stop sending work to `address` until it reports SERVING again."""
-        if address not in self.down:
+        if address not in self.taken_out:
             log.warning("%s replica %s taken out (%s)", self.role, address, why)
-            self.down.add(address)
+            self.taken_out.add(address)
+        self.down.add(address)
 
     async def wait_ready(self, deadline_seconds: float, check: Callable[[], None] | None = None,
                          every: bool = False) -> None:
@@ -171,6 +178,7 @@ class Replicas:
             for address in list(self.down):  # all out: re-probe before waiting
                 if await self.check(address):
                     self.down.discard(address)
+                    self.taken_out.discard(address)
             if self.serving():
                 continue
             if time.monotonic() >= deadline:

@@ -20,6 +20,7 @@ import os
 import pathlib
 import socket
 import sys
+import tempfile
 import threading
 from typing import Callable, Sequence
 
@@ -67,12 +68,20 @@ def _init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> N
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
-    if not torch.distributed.is_initialized():
-        if int(os.environ["WORLD_SIZE"]) > 1:
-            log.info("joining data-parallel group as rank %s of %s at %s:%s", os.environ["RANK"],
-                     os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                                   timeout=datetime.timedelta(seconds=timeout_seconds))
+    if torch.distributed.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    if int(os.environ["WORLD_SIZE"]) > 1:
+        log.info("joining data-parallel group as rank %s of %s at %s:%s", os.environ["RANK"],
+                 os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    else:
+        # Alone: a file store instead of a TCP one, so no port can be taken by another process
+        # between choosing it and binding it.
+        store = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-dist-")) / "store"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout, init_method=f"file://{store}",
+                                   rank=0, world_size=1)
 
 
 def _group_lost(error: BaseException) -> None:

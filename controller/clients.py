@@ -35,7 +35,6 @@ class ServiceClients:
     def __init__(self, endpoints: dict[str, str], timeout: float = 600.0, retries: int = 3,
                  probe_seconds: float = 2.0, wait_seconds: float = 600.0):
         """wait_seconds: how long a call waits for a replica when none of a service's is serving."""
-        self.endpoints = dict(endpoints)
         self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds, wait_seconds=wait_seconds)
                       for role, target in endpoints.items()}
         self._started = False

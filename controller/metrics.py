@@ -71,7 +71,7 @@ class RunCollector(Collector):
         info = GaugeMetricFamily("rlhf_run_info", "The run (value 1).", labels=["run_id", "algorithm"])
         info.add_metric([s.runner.run_id if s.runner else s.cfg.run_id or "", s.cfg.algorithm], 1.0)
         yield info
-        if getattr(s, "clients", None) is not None:
+        if s.clients is not None:
             yield replica_family(s.clients.pools)
 
 

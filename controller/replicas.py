@@ -33,6 +33,11 @@ RETRY_SAME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  
 Select = Callable[[object], Callable[..., Awaitable]]  # stub -> one of its RPC methods, e.g. lambda s: s.Score
 
 
+def backoff(attempt: int, cap: float = 8.0) -> float:
+    """Seconds to wait before retry `attempt` (0, 1, ...): 0.5 s doubling up to `cap`."""
+    return min(0.5 * 2**attempt, cap)
+
+
 class NoReplica(RuntimeError):
     """No replica of a service is serving."""
 
@@ -185,7 +190,7 @@ class Replicas:
                 break
             if attempt == 0:
                 log.warning("no %s replica is serving; waiting up to %.0fs", self.role, self.wait_seconds)
-            await asyncio.sleep(min(0.5 * 2**attempt, 5.0, max(deadline - time.monotonic(), 0.0)))
+            await asyncio.sleep(min(backoff(attempt, 5.0), max(deadline - time.monotonic(), 0.0)))
         raise NoReplica(f"no {self.role} replica is serving (target {self.target}; "
                         f"known: {', '.join(self.channels) or 'none'}; waited {self.wait_seconds:.0f}s)")
 
@@ -206,7 +211,7 @@ class Replicas:
                 elif code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.retries:
                     raise
                 else:
-                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                    await asyncio.sleep(backoff(attempt))
                 tried.add(address)
                 address = await self._pick(tried)
         raise NoReplica(f"{self.role}: every replica failed this request (target {self.target})")
@@ -259,7 +264,7 @@ class Replicas:
                 except grpc.aio.AioRpcError as error:
                     if error.code() not in RETRY_SAME or attempt == self.retries:
                         raise
-                    await asyncio.sleep(min(0.5 * 2**attempt, 8.0))
+                    await asyncio.sleep(backoff(attempt))
 
         return list(await asyncio.gather(*(on_rank(a, r) for a, r in zip(addresses, requests))))
 

@@ -233,8 +233,9 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         """One optimizer step. In a data-parallel group the stats are this shard's share of the minibatch's."""
         stats: dict[str, float] = {}
         dpo = isinstance(batch, DPOBatch)
+        tokens = sum(batch.seqs.response_lengths)  # this shard's response tokens
         ptx_tokens = sum(int(r.numel()) - 1 for r in ptx[0]) if ptx else 0
-        n_main, n_ptx = self.trainer.agree([batch.n_pairs if dpo else sum(batch.seqs.response_lengths), ptx_tokens])
+        n_main, n_ptx = self.trainer.agree([batch.n_pairs if dpo else tokens, ptx_tokens])
         if dpo:
             losses = self._dpo_micro_losses(batch, micro, stats, n_main)
         else:
@@ -246,7 +247,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
         return policy_pb2.PolicyTrainResponse(
             loss=total, grad_norm=grad_norm, model_version=self.trainer.version,
-            tokens=sum(batch.seqs.response_lengths), **stats,
+            tokens=tokens, **stats,
         )
 
     def _decode_train(self, request, m: LoadedModel) -> tuple:

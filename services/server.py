@@ -91,6 +91,7 @@ class ModelServicer:
     def model_info(self) -> tensor_pb2.ModelInfo:
         """Info RPC payload."""
         m = self.require()
+        rank, size = self.data_parallel()
         return tensor_pb2.ModelInfo(
             role=self.role,
             model_name=self.cfg.model.path,
@@ -103,8 +104,8 @@ class ModelServicer:
             eos_token_id=m.eos_id,
             pad_token_id=m.pad_id,
             num_parameters=sum(p.numel() for p in m.model.parameters()),
-            data_parallel_rank=self.data_parallel()[0],
-            data_parallel_size=self.data_parallel()[1],
+            data_parallel_rank=rank,
+            data_parallel_size=size,
         )
 
     def data_parallel(self) -> tuple[int, int]:

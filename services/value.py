@@ -45,7 +45,8 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     def _train(self, seqs: Sequences, old_values, returns, clip, micro: int) -> value_pb2.ValueTrainResponse:
         """One optimizer step. In a data-parallel group loss and clip fraction are this shard's share."""
         m = self.loaded
-        n_tokens = self.trainer.agree([sum(seqs.response_lengths)])[0]  # the whole minibatch's
+        tokens = sum(seqs.response_lengths)  # this shard's
+        n_tokens = self.trainer.agree([tokens])[0]  # the whole minibatch's
         stats = {"loss": 0.0, "clip_fraction": 0.0}
         predicted: dict[int, torch.Tensor] = {}
 
@@ -71,7 +72,7 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
         r = torch.cat(returns).double()
         sums = self.trainer.agree([len(r), r.sum(), (r * r).sum(), (r - v).sum(), ((r - v) ** 2).sum()])
         return value_pb2.ValueTrainResponse(
-            grad_norm=grad_norm, model_version=self.trainer.version, tokens=sum(seqs.response_lengths),
+            grad_norm=grad_norm, model_version=self.trainer.version, tokens=tokens,
             explained_variance=explained_variance_from_sums(sums), **stats,
         )
 

@@ -154,7 +154,7 @@ PPO_STATS = {
 
 def test_controller_exports_every_step_statistic():
     metrics = ControllerMetrics()
-    servicer = types.SimpleNamespace(state="running", runner=None,
+    servicer = types.SimpleNamespace(state="running", runner=None, clients=None,
                                      cfg=types.SimpleNamespace(total_steps=lambda: 10, run_id="r1", algorithm="ppo"))
     metrics.attach(servicer)
     metrics.observe_step(PPO_STATS)

@@ -63,9 +63,8 @@ def build_cpu_ops() -> None:
 def _init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> None:
     """A one-rank torch.distributed world unless the environment names a group (RANK, WORLD_SIZE, ...)."""
     _deepspeed_env(device.type)
-    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
         os.environ.setdefault(name, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if torch.distributed.is_initialized():
@@ -73,15 +72,18 @@ def _init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> N
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_seconds)
     if int(os.environ["WORLD_SIZE"]) > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise RuntimeError(f"WORLD_SIZE > 1 needs the group's rendezvous address: set {' and '.join(missing)}")
         log.info("joining data-parallel group as rank %s of %s at %s:%s", os.environ["RANK"],
                  os.environ["WORLD_SIZE"], os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     else:
         # Alone: a file store instead of a TCP one, so no port can be taken by another process
-        # between choosing it and binding it.
+        # between choosing it and binding it (and no MPI discovery for the missing MASTER_* variables).
         store = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-dist-")) / "store"
         deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout, init_method=f"file://{store}",
-                                   rank=0, world_size=1)
+                                   rank=0, world_size=1, auto_mpi_discovery=False)
 
 
 def _group_lost(error: BaseException) -> None:

@@ -43,16 +43,24 @@ def mesh(tiny_dirs, tmp_path_factory):
 
 
 def poll_status(port: int, replies: list, evaluations: list, done: threading.Event) -> None:
-    """Ask ControllerService.Status until `done`, as a dashboard would; call Evaluate once while running."""
+    """Ask ControllerService.Status until `done`, as a dashboard would; call Evaluate once while running.
+
+    Evaluate runs beside the polling (a slow evaluation must not hide the run's states); it is recorded
+    with the index from which Status replies were all asked for after it finished.
+    """
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = controller_pb2_grpc.ControllerServiceStub(channel)
-        while not done.wait(0.2):
+        pending = None
+        while not done.wait(0.02):  # the tiny run takes about a second
             try:
                 replies.append(stub.Status(controller_pb2.StatusRequest(), timeout=2))
-                if replies[-1].state == "running" and not evaluations:
-                    evaluations.append(stub.Evaluate(controller_pb2.EvaluateRequest(), timeout=60))
+                if replies[-1].state == "running" and pending is None:
+                    pending = stub.Evaluate.future(controller_pb2.EvaluateRequest(), timeout=60)
+                if pending is not None and pending.done() and not evaluations:
+                    evaluations.append((pending.result(), len(replies)))
             except grpc.RpcError:
-                pass
+                if pending is not None and pending.done() and not evaluations:
+                    pending = None  # the Evaluate failed: ask again while running
 
 
 def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_path):
@@ -83,11 +91,15 @@ def test_ppo_iterations_change_weights_with_finite_stats(mesh, tiny_dirs, tmp_pa
     assert running and running[-1].run_id == "e2e" and running[-1].total_steps == 3
     assert any(r.step >= 1 and "reward/mean" in r.stats for r in running)
     # Reward-model comparison evaluation: on demand, after steps 2 and 3, and in Status.
-    assert evaluations and evaluations[0].pairs == 40 and 0 <= evaluations[0].accuracy <= 1
+    assert evaluations
+    evaluation, after = evaluations[0]
+    assert evaluation.pairs == 40 and 0 <= evaluation.accuracy <= 1
     with_eval = [s.stats for s in steps if "eval/rm_accuracy" in s.stats]
     assert [s["step"] for s in with_eval] == [1, 2]
-    assert abs(with_eval[-1]["eval/rm_accuracy"] - evaluations[0].accuracy) < 1e-9  # the RM is frozen
-    assert any(r.last_evaluation.pairs == 40 for r in running)
+    assert abs(with_eval[-1]["eval/rm_accuracy"] - evaluation.accuracy) < 1e-9  # the RM is frozen
+    # Every Status after it reports it (the run may have finished by then: the evaluation is kept).
+    later = replies[after:]
+    assert later and all(r.last_evaluation.pairs == 40 for r in later)
     mesh.check_alive()
     lines = [json.loads(x) for x in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     assert len(lines) == len(steps) == 3

@@ -1,7 +1,7 @@
 """Generate the Python stubs for proto/rlhf/v1/*.proto.
 
 Usage: python proto/generate.py [OUT_DIR]   (default: proto/, next to the sources)
-The committed stubs must equal what this writes; tests/test_stubs.py checks it.
+The committed stubs must equal what this writes; tests/integration/test_proto_stubs.py checks it.
 """
 
 import pathlib

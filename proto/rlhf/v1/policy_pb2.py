@@ -22,38 +22,35 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/tensor.proto\"5\n\x0fTokenizeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\"i\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xbc\x01\n\x0fGenerateRequest\x12.\n\rprompt_tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12*\n\x0cprompt_texts\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.TextBatchH\x00\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x17\n\x0f\x66irst_row_index\x18\x04 \x01(\rB\t\n\x07prompts\"\xe4\x01\n\x10GenerateResponse\x12,\n\rprompt_tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12.\n\x0fresponse_tokens\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x30\n\x11response_logprobs\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eresponse_texts\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x10\n\x08\x66inished\x18\x06 \x03(\x08\"Q\n\x0fLogProbsRequest\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\"R\n\x10LogProbsResponse\x12\'\n\x08logprobs\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"\xd0\x01\n\x0cPPOObjective\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12+\n\x0cold_logprobs\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12)\n\nadvantages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x12\n\nclip_range\x18\x04 \x01(\x02\x12\x14\n\x0c\x65ntropy_coef\x18\x05 \x01(\x02\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\"p\n\x08PtxBatch\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12#\n\x05texts\x18\x03 \x01(\x0b\x32\x12.rlhf.v1.TextBatchH\x00\x12\x0c\n\x04\x63oef\x18\x02 \x01(\x02\x42\x08\n\x06source\"\x8a\x01\n\x0c\x44POObjective\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12(\n\x0freference_logps\x18\x02 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x02\x12\x17\n\x0flabel_smoothing\x18\x04 \x01(\x02\"\xc7\x01\n\x12PolicyTrainRequest\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.TrainKey\x12$\n\x03ppo\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.PPOObjectiveH\x00\x12$\n\x03\x64po\x18\x05 \x01(\x0b\x32\x15.rlhf.v1.DPOObjectiveH\x00\x12\x1e\n\x03ptx\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.PtxBatch\x12\x18\n\x10micro_batch_size\x18\x04 \x01(\x05\x42\x0b\n\tobjective\"\x81\x02\n\x13PolicyTrainResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\x13\n\x0bpolicy_loss\x18\x02 \x01(\x02\x12\x15\n\rclip_fraction\x18\x03 \x01(\x02\x12\x11\n\tapprox_kl\x18\x04 \x01(\x02\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x02\x12\x11\n\tgrad_norm\x18\x06 \x01(\x02\x12\x10\n\x08ptx_loss\x18\x07 \x01(\x02\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x0e\n\x06tokens\x18\t \x01(\x03\x12\x10\n\x08replayed\x18\n \x01(\x08\x12\x17\n\x0freward_accuracy\x18\x0b \x01(\x02\x12\x15\n\rreward_margin\x18\x0c \x01(\x02\x32\x98\x03\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12?\n\x08LogProbs\x12\x18.rlhf.v1.LogProbsRequest\x1a\x19.rlhf.v1.LogProbsResponse\x12\x42\n\x05Train\x12\x1b.rlhf.v1.PolicyTrainRequest\x1a\x1c.rlhf.v1.PolicyTrainResponse\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfo\x12<\n\x08Tokenize\x12\x18.rlhf.v1.TokenizeRequest\x1a\x16.rlhf.v1.SequenceBatchb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/tensor.proto\"5\n\x0fTokenizeRequest\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\"i\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\x05\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xbc\x01\n\x0fGenerateRequest\x12.\n\rprompt_tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12*\n\x0cprompt_texts\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.TextBatchH\x00\x12)\n\x08sampling\x18\x03 \x01(\x0b\x32\x17.rlhf.v1.SamplingParams\x12\x17\n\x0f\x66irst_row_index\x18\x04 \x01(\rB\t\n\x07prompts\"\xe4\x01\n\x10GenerateResponse\x12,\n\rprompt_tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12.\n\x0fresponse_tokens\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x30\n\x11response_logprobs\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eresponse_texts\x18\x04 \x03(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x10\n\x08\x66inished\x18\x06 \x03(\x08\"\xd0\x01\n\x0cPPOObjective\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12+\n\x0cold_logprobs\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12)\n\nadvantages\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x12\n\nclip_range\x18\x04 \x01(\x02\x12\x14\n\x0c\x65ntropy_coef\x18\x05 \x01(\x02\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\"p\n\x08PtxBatch\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12#\n\x05texts\x18\x03 \x01(\x0b\x32\x12.rlhf.v1.TextBatchH\x00\x12\x0c\n\x04\x63oef\x18\x02 \x01(\x02\x42\x08\n\x06source\"\x8a\x01\n\x0c\x44POObjective\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12(\n\x0freference_logps\x18\x02 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0c\n\x04\x62\x65ta\x18\x03 \x01(\x02\x12\x17\n\x0flabel_smoothing\x18\x04 \x01(\x02\"\xc7\x01\n\x12PolicyTrainRequest\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.TrainKey\x12$\n\x03ppo\x18\x02 \x01(\x0b\x32\x15.rlhf.v1.PPOObjectiveH\x00\x12$\n\x03\x64po\x18\x05 \x01(\x0b\x32\x15.rlhf.v1.DPOObjectiveH\x00\x12\x1e\n\x03ptx\x18\x03 \x01(\x0b\x32\x11.rlhf.v1.PtxBatch\x12\x18\n\x10micro_batch_size\x18\x04 \x01(\x05\x42\x0b\n\tobjective\"\x81\x02\n\x13PolicyTrainResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\x13\n\x0bpolicy_loss\x18\x02 \x01(\x02\x12\x15\n\rclip_fraction\x18\x03 \x01(\x02\x12\x11\n\tapprox_kl\x18\x04 \x01(\x02\x12\x0f\n\x07\x65ntropy\x18\x05 \x01(\x02\x12\x11\n\tgrad_norm\x18\x06 \x01(\x02\x12\x10\n\x08ptx_loss\x18\x07 \x01(\x02\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x0e\n\x06tokens\x18\t \x01(\x03\x12\x10\n\x08replayed\x18\n \x01(\x08\x12\x17\n\x0freward_accuracy\x18\x0b \x01(\x02\x12\x15\n\rreward_margin\x18\x0c \x01(\x02\x32\x98\x03\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12?\n\x08LogProbs\x12\x18.rlhf.v1.LogProbsRequest\x1a\x19.rlhf.v1.LogProbsResponse\x12\x42\n\x05Train\x12\x1b.rlhf.v1.PolicyTrainRequest\x1a\x1c.rlhf.v1.PolicyTrainResponse\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfo\x12<\n\x08Tokenize\x12\x18.rlhf.v1.TokenizeRequest\x1a\x16.rlhf.v1.SequenceBatchb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOKENIZEREQUEST']._serialized_start=55
-  _globals['_TOKENIZEREQUEST']._serialized_end=108
-  _globals['_SAMPLINGPARAMS']._serialized_start=110
-  _globals['_SAMPLINGPARAMS']._serialized_end=215
-  _globals['_GENERATEREQUEST']._serialized_start=218
-  _globals['_GENERATEREQUEST']._serialized_end=406
-  _globals['_GENERATERESPONSE']._serialized_start=409
-  _globals['_GENERATERESPONSE']._serialized_end=637
-  _globals['_LOGPROBSREQUEST']._serialized_start=639
-  _globals['_LOGPROBSREQUEST']._serialized_end=720
-  _globals['_LOGPROBSRESPONSE']._serialized_start=722
-  _globals['_LOGPROBSRESPONSE']._serialized_end=804
-  _globals['_PPOOBJECTIVE']._serialized_start=807
-  _globals['_PPOOBJECTIVE']._serialized_end=1015
-  _globals['_PTXBATCH']._serialized_start=1017
-  _globals['_PTXBATCH']._serialized_end=1129
-  _globals['_DPOOBJECTIVE']._serialized_start=1132
-  _globals['_DPOOBJECTIVE']._serialized_end=1270
-  _globals['_POLICYTRAINREQUEST']._serialized_start=1273
-  _globals['_POLICYTRAINREQUEST']._serialized_end=1472
-  _globals['_POLICYTRAINRESPONSE']._serialized_start=1475
-  _globals['_POLICYTRAINRESPONSE']._serialized_end=1732
-  _globals['_POLICYSERVICE']._serialized_start=1735
-  _globals['_POLICYSERVICE']._serialized_end=2143
+  _globals['_TOKENIZEREQUEST']._serialized_start=77
+  _globals['_TOKENIZEREQUEST']._serialized_end=130
+  _globals['_SAMPLINGPARAMS']._serialized_start=132
+  _globals['_SAMPLINGPARAMS']._serialized_end=237
+  _globals['_GENERATEREQUEST']._serialized_start=240
+  _globals['_GENERATEREQUEST']._serialized_end=428
+  _globals['_GENERATERESPONSE']._serialized_start=431
+  _globals['_GENERATERESPONSE']._serialized_end=659
+  _globals['_PPOOBJECTIVE']._serialized_start=662
+  _globals['_PPOOBJECTIVE']._serialized_end=870
+  _globals['_PTXBATCH']._serialized_start=872
+  _globals['_PTXBATCH']._serialized_end=984
+  _globals['_DPOOBJECTIVE']._serialized_start=987
+  _globals['_DPOOBJECTIVE']._serialized_end=1125
+  _globals['_POLICYTRAINREQUEST']._serialized_start=1128
+  _globals['_POLICYTRAINREQUEST']._serialized_end=1327
+  _globals['_POLICYTRAINRESPONSE']._serialized_start=1330
+  _globals['_POLICYTRAINRESPONSE']._serialized_end=1587
+  _globals['_POLICYSERVICE']._serialized_start=1590
+  _globals['_POLICYSERVICE']._serialized_end=1998
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from rlhf.v1 import common_pb2 as _common_pb2
 from rlhf.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -57,22 +58,6 @@ class GenerateResponse(_message.Message):
     finished: _containers.RepeatedScalarFieldContainer[bool]
     def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., policy_version: _Optional[int] = ..., finished: _Optional[_Iterable[bool]] = ...) -> None: ...
 
-class LogProbsRequest(_message.Message):
-    __slots__ = ("sequences", "temperature")
-    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
-    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
-    sequences: _tensor_pb2.SequenceBatch
-    temperature: float
-    def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
-
-class LogProbsResponse(_message.Message):
-    __slots__ = ("logprobs", "model_version")
-    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    logprobs: _tensor_pb2.RaggedTensor
-    model_version: int
-    def __init__(self, logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
-
 class PPOObjective(_message.Message):
     __slots__ = ("sequences", "old_logprobs", "advantages", "clip_range", "entropy_coef", "temperature")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -118,12 +103,12 @@ class PolicyTrainRequest(_message.Message):
     DPO_FIELD_NUMBER: _ClassVar[int]
     PTX_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    key: _tensor_pb2.TrainKey
+    key: _common_pb2.TrainKey
     ppo: PPOObjective
     dpo: DPOObjective
     ptx: PtxBatch
     micro_batch_size: int
-    def __init__(self, key: _Optional[_Union[_tensor_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class PolicyTrainResponse(_message.Message):
     __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin")

@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import policy_pb2 as rlhf_dot_v1_dot_policy__pb2
 from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
@@ -42,8 +43,8 @@ class PolicyServiceStub:
                 _registered_method=True)
         self.LogProbs = channel.unary_unary(
                 '/rlhf.v1.PolicyService/LogProbs',
-                request_serializer=rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.LogProbsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.LogProbsResponse.FromString,
                 _registered_method=True)
         self.Train = channel.unary_unary(
                 '/rlhf.v1.PolicyService/Train',
@@ -52,13 +53,13 @@ class PolicyServiceStub:
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/rlhf.v1.PolicyService/SaveCheckpoint',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.PolicyService/Info',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/rlhf.v1.PolicyService/Tokenize',
@@ -122,8 +123,8 @@ def add_PolicyServiceServicer_to_server(servicer, server):
             ),
             'LogProbs': grpc.unary_unary_rpc_method_handler(
                     servicer.LogProbs,
-                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.LogProbsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.LogProbsResponse.SerializeToString,
             ),
             'Train': grpc.unary_unary_rpc_method_handler(
                     servicer.Train,
@@ -132,13 +133,13 @@ def add_PolicyServiceServicer_to_server(servicer, server):
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
@@ -198,8 +199,8 @@ class PolicyService:
             request,
             target,
             '/rlhf.v1.PolicyService/LogProbs',
-            rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.SerializeToString,
-            rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.FromString,
+            rlhf_dot_v1_dot_common__pb2.LogProbsRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.LogProbsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -252,8 +253,8 @@ class PolicyService:
             request,
             target,
             '/rlhf.v1.PolicyService/SaveCheckpoint',
-            rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.FromString,
+            rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -279,8 +280,8 @@ class PolicyService:
             request,
             target,
             '/rlhf.v1.PolicyService/Info',
-            rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+            rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

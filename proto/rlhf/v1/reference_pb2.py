@@ -22,17 +22,16 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from rlhf.v1 import policy_pb2 as rlhf_dot_v1_dot_policy__pb2
-from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/reference.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/policy.proto\x1a\x14rlhf/v1/tensor.proto2\x85\x01\n\x10ReferenceService\x12?\n\x08LogProbs\x12\x18.rlhf.v1.LogProbsRequest\x1a\x19.rlhf.v1.LogProbsResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17rlhf/v1/reference.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto2\x85\x01\n\x10ReferenceService\x12?\n\x08LogProbs\x12\x18.rlhf.v1.LogProbsRequest\x1a\x19.rlhf.v1.LogProbsResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.reference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFERENCESERVICE']._serialized_start=81
-  _globals['_REFERENCESERVICE']._serialized_end=214
+  _globals['_REFERENCESERVICE']._serialized_start=59
+  _globals['_REFERENCESERVICE']._serialized_end=192
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,7 @@
 import grpc
 import warnings
 
-from rlhf.v1 import policy_pb2 as rlhf_dot_v1_dot_policy__pb2
-from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -37,13 +36,13 @@ class ReferenceServiceStub:
         """
         self.LogProbs = channel.unary_unary(
                 '/rlhf.v1.ReferenceService/LogProbs',
-                request_serializer=rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.LogProbsRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.LogProbsResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.ReferenceService/Info',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +67,13 @@ def add_ReferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LogProbs': grpc.unary_unary_rpc_method_handler(
                     servicer.LogProbs,
-                    request_deserializer=rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.LogProbsRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.LogProbsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +101,8 @@ class ReferenceService:
             request,
             target,
             '/rlhf.v1.ReferenceService/LogProbs',
-            rlhf_dot_v1_dot_policy__pb2.LogProbsRequest.SerializeToString,
-            rlhf_dot_v1_dot_policy__pb2.LogProbsResponse.FromString,
+            rlhf_dot_v1_dot_common__pb2.LogProbsRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.LogProbsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +128,8 @@ class ReferenceService:
             request,
             target,
             '/rlhf.v1.ReferenceService/Info',
-            rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+            rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import reward_pb2 as rlhf_dot_v1_dot_reward__pb2
-from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -52,8 +52,8 @@ class RewardServiceStub:
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.RewardService/Info',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -109,8 +109,8 @@ def add_RewardServiceServicer_to_server(servicer, server):
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,8 +219,8 @@ class RewardService:
             request,
             target,
             '/rlhf.v1.RewardService/Info',
-            rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+            rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

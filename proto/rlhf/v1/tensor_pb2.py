@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/tensor.proto\x12\x07rlhf.v1\"C\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"@\n\x0cRaggedTensor\x12\x1f\n\x06values\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"N\n\rSequenceBatch\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x03\"\x1a\n\tTextBatch\x12\r\n\x05texts\x18\x01 \x03(\t\"A\n\x08TrainKey\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fminibatch_index\x18\x03 \x01(\x03\"\r\n\x0bInfoRequest\"\xaf\x02\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x03\x12\x14\n\x0cpad_token_id\x18\n \x01(\x03\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x03\x12\x1a\n\x12\x64\x61ta_parallel_rank\x18\x0c \x01(\x05\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\r \x01(\x05\"%\n\x15SaveCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"L\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05\x66iles\x18\x03 \x03(\t*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/tensor.proto\x12\x07rlhf.v1\"C\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"@\n\x0cRaggedTensor\x12\x1f\n\x06values\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"N\n\rSequenceBatch\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x03\"\x1a\n\tTextBatch\x12\r\n\x05texts\x18\x01 \x03(\t*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=781
-  _globals['_DTYPE']._serialized_end=903
+  _globals['_DTYPE']._serialized_start=276
+  _globals['_DTYPE']._serialized_end=398
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=100
   _globals['_RAGGEDTENSOR']._serialized_start=102
@@ -41,14 +41,4 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEQUENCEBATCH']._serialized_end=246
   _globals['_TEXTBATCH']._serialized_start=248
   _globals['_TEXTBATCH']._serialized_end=274
-  _globals['_TRAINKEY']._serialized_start=276
-  _globals['_TRAINKEY']._serialized_end=341
-  _globals['_INFOREQUEST']._serialized_start=343
-  _globals['_INFOREQUEST']._serialized_end=356
-  _globals['_MODELINFO']._serialized_start=359
-  _globals['_MODELINFO']._serialized_end=662
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=664
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=701
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=703
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=779
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from rlhf.v1 import common_pb2 as _common_pb2
 from rlhf.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -28,13 +29,13 @@ class ValueTrainRequest(_message.Message):
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     CLIP_RANGE_VALUE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    key: _tensor_pb2.TrainKey
+    key: _common_pb2.TrainKey
     sequences: _tensor_pb2.SequenceBatch
     old_values: _tensor_pb2.RaggedTensor
     returns: _tensor_pb2.RaggedTensor
     clip_range_value: float
     micro_batch_size: int
-    def __init__(self, key: _Optional[_Union[_tensor_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class ValueTrainResponse(_message.Message):
     __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance")

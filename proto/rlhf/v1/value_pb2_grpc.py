@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
+from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import value_pb2 as rlhf_dot_v1_dot_value__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -47,13 +47,13 @@ class ValueServiceStub:
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
                 '/rlhf.v1.ValueService/SaveCheckpoint',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.ValueService/Info',
-                request_serializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-                response_deserializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+                request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -101,13 +101,13 @@ def add_ValueServiceServicer_to_server(servicer, server):
             ),
             'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.SaveCheckpoint,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
-                    request_deserializer=rlhf_dot_v1_dot_tensor__pb2.InfoRequest.FromString,
-                    response_serializer=rlhf_dot_v1_dot_tensor__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -189,8 +189,8 @@ class ValueService:
             request,
             target,
             '/rlhf.v1.ValueService/SaveCheckpoint',
-            rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.SaveCheckpointResponse.FromString,
+            rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -216,8 +216,8 @@ class ValueService:
             request,
             target,
             '/rlhf.v1.ValueService/Info',
-            rlhf_dot_v1_dot_tensor__pb2.InfoRequest.SerializeToString,
-            rlhf_dot_v1_dot_tensor__pb2.ModelInfo.FromString,
+            rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,84 @@
+from rlhf.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TrainKey(_message.Message):
+    __slots__ = ("run_id", "step", "minibatch_index")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MINIBATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    step: int
+    minibatch_index: int
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., minibatch_index: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("role", "model_name", "tokenizer_fingerprint", "vocab_size", "max_sequence_length", "device", "dtype", "model_version", "eos_token_id", "pad_token_id", "num_parameters", "data_parallel_rank", "data_parallel_size")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQUENCE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAD_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_RANK_FIELD_NUMBER: _ClassVar[int]
+    DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    model_name: str
+    tokenizer_fingerprint: str
+    vocab_size: int
+    max_sequence_length: int
+    device: str
+    dtype: str
+    model_version: int
+    eos_token_id: int
+    pad_token_id: int
+    num_parameters: int
+    data_parallel_rank: int
+    data_parallel_size: int
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ...) -> None: ...
+
+class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("path", "model_version", "files")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    model_version: int
+    files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, path: _Optional[str] = ..., model_version: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LogProbsRequest(_message.Message):
+    __slots__ = ("sequences", "temperature")
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    sequences: _tensor_pb2.SequenceBatch
+    temperature: float
+    def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
+
+class LogProbsResponse(_message.Message):
+    __slots__ = ("logprobs", "model_version")
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    logprobs: _tensor_pb2.RaggedTensor
+    model_version: int
+    def __init__(self, logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...

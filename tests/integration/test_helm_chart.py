@@ -1,0 +1,367 @@
+"""The Helm chart, checked without a cluster: lint, values schema, and every rendered object.
+
+The chart is rendered by Helm's own engine (helm-python-sdk embeds Helm's Go
+SDK), linted by Helm, and every object is validated against the Kubernetes
+JSON schemas (kubernetes-validate). The Prometheus Operator objects, which
+those schemas do not cover, are checked field by field.
+"""
+
+import json
+
+import pytest
+import yaml
+
+from controller.config import load_controller_config
+from services.config import load_service_config
+from tests.support.helm import (
+    CHART,
+    EMPTY_KUBECONFIG,
+    KUBE_VERSION,
+    MODEL_SERVICES,
+    PORTS,
+    ROOT,
+    VALUE_SETS,
+    by_kind,
+    component_of,
+    containers,
+    env_of,
+    pod_specs,
+    render,
+    render_k8s,
+    workloads,
+)
+
+helm_python = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the test extra)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+
+
+# --- Helm: lint, schema, notes -----------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_lint_finds_nothing_but_the_missing_icon(name):
+    report = helm_python.lint(CHART, VALUE_SETS[name], strict=True, kube_version=f"v{KUBE_VERSION}.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert problems == []
+
+
+@pytest.mark.parametrize("values, where, why", [
+    ({"policy": {"replicaCount": "two"}}, "/policy/replicaCount", "got string, want integer"),
+    ({"reward": {"model": {"source": "s3://bucket/rm"}}}, "/reward/model/source", "does not match pattern"),
+    ({"value": {"config": {"training": {"learning_rate": "fast"}}}}, "/value/config/training/learning_rate",
+     "got string, want number"),
+    ({"controller": {"config": {"ppo": {"kl_estimator": "k9"}}}}, "/controller/config/ppo/kl_estimator",
+     "value must be one of 'k1', 'k2', 'k3'"),
+    ({"policy": {"config": {"server": {"port": 1234}}}}, "/policy/config/server", "'port' not allowed"),
+    ({"policy": {"replicas": 2}}, "/policy", "'replicas' not allowed"),
+    ({"reference": {"resources": {"limits": {"nvidia.com/gpu": "one"}}}},
+     "/reference/resources/limits/nvidia.com~1gpu", "does not match pattern"),
+])
+def test_a_wrong_value_fails_the_install_naming_the_key(values, where, why):
+    with helm_python.Chart.load(CHART) as chart:
+        with pytest.raises(helm_python.HelmValuesError) as error:
+            chart.render(values, name="rlhf")
+    message = str(error.value)
+    assert where in message and why in message, message
+
+
+def test_config_section_schema_is_generated_from_the_pydantic_models():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    training = schema["$defs"]["cfg.TrainingConfig"]["properties"]
+    assert training["zero_stage"] == {"default": 0, "description": "DeepSpeed ZeRO stage", "maximum": 3,
+                                      "minimum": 0, "type": "integer"}
+    assert "path" not in schema["$defs"]["cfg.ModelConfig"]["properties"]  # the chart sets it from model.source
+
+
+def test_install_notes_say_how_to_reach_the_reward_service_and_grafana():
+    with helm_python.Config(storage_driver="memory", kubeconfig_content=EMPTY_KUBECONFIG) as cfg:
+        release = cfg.install(CHART, "rlhf", VALUE_SETS["gpu-opt"], namespace="rlhf", dry_run="client")
+    notes = release["notes"]
+    assert "rlhf-reward.rlhf.svc.cluster.local:50053" in notes
+    assert "kubectl port-forward -n rlhf svc/rlhf-reward 50053:50053" in notes
+    assert "kubectl port-forward -n monitoring svc/kube-prometheus-stack-grafana 3000:80" in notes
+    assert "/d/rlhf-mesh" in notes and "helm test rlhf" in notes
+
+
+# --- every object -----------------------------------------------------------------------
+
+CORE_KINDS = {"ConfigMap", "Deployment", "StatefulSet", "Job", "Pod", "Service", "ServiceAccount", "Role", "RoleBinding"}
+MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: test_prometheus_operator_objects
+
+
+def validated(objs: list[dict]) -> dict[str, str]:
+    """Validate every object but the Prometheus Operator CRDs against Kubernetes' strict schemas.
+
+    Returns kind -> the Kubernetes version of the schema that checked it.
+    """
+    checked = {}
+    for obj in objs:
+        if render_k8s.is_monitoring(obj):
+            assert obj["kind"] in MONITORING_KINDS, obj["kind"]  # nothing else skips validation
+            continue
+        checked[obj["kind"]] = kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    return checked
+
+
+def test_every_object_is_valid_kubernetes(rendered):
+    checked = validated(rendered)
+    assert CORE_KINDS <= set(checked), CORE_KINDS - set(checked)  # the workloads and their plumbing were checked
+    assert set(checked.values()) == {KUBE_VERSION}  # by the schemas of the Kubernetes version the chart targets
+
+
+def test_services_only_renders_neither_the_controller_nor_the_value_service():
+    objs = render({"controller": {"replicaCount": 0}, "value": {"enabled": False}, "networkPolicy": {"enabled": True}})
+    assert CORE_KINDS - {"Job", "Role", "RoleBinding"} <= set(validated(objs))
+    names = {o["metadata"]["name"] for o in objs}
+    assert not [name for name in names if "controller" in name or name.startswith("rlhf-value")], names
+    assert {o["metadata"]["name"] for o in workloads(objs)} == {"rlhf-policy", "rlhf-reference", "rlhf-reward"}
+    assert set(by_kind(objs, "NetworkPolicy")) == {"rlhf-policy", "rlhf-reference", "rlhf-reward"}
+
+
+def test_without_a_checkpoint_volume_pods_get_an_emptydir_and_the_hub_settings():
+    objs = render({"checkpoints": {"enabled": False},
+                   "huggingface": {"tokenSecret": "hf", "cacheClaim": "hf-cache", "offline": True}})
+    assert CORE_KINDS <= set(validated(objs))
+    assert "PersistentVolumeClaim" not in {o["kind"] for o in objs}
+    scratch = set()
+    for obj in workloads(objs):
+        spec, name = obj["spec"]["template"]["spec"], obj["metadata"]["name"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["cache"]["persistentVolumeClaim"] == {"claimName": "hf-cache"}, name
+        if "checkpoints" in volumes:
+            assert volumes["checkpoints"] == {"name": "checkpoints", "emptyDir": {}}, name
+            scratch.add(component_of(obj))
+        env = env_of(spec["containers"][0])
+        assert env["HF_HUB_OFFLINE"]["value"] == "1", name
+        assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN"}}, name
+    assert scratch == {"policy", "value", "controller"}  # the pods that save checkpoints still have somewhere to
+
+
+def test_name_image_claim_scheduling_and_extras_can_be_overridden():
+    objs = render({
+        "checkpoints": {"existingClaim": "shared"}, "imagePullSecrets": [{"name": "regcred"}], "fullnameOverride": "mesh",
+        "reward": {"nodeSelector": {"gpu": "a100"}, "affinity": {"podAntiAffinity": {}}, "image": {"tag": "dev"},
+                   "service": {"type": "LoadBalancer"}, "extraVolumes": [{"name": "x", "emptyDir": {}}],
+                   "extraVolumeMounts": [{"name": "x", "mountPath": "/x"}], "env": [{"name": "A", "value": "1"}]}})
+    assert CORE_KINDS <= set(validated(objs))
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    reward = by_kind(objs, "Deployment")["mesh-reward"]["spec"]["template"]["spec"]
+    main = reward["containers"][0]
+    assert main["image"] == "ghcr.io/rlhf-mesh/rlhf-mesh:dev"
+    assert reward["nodeSelector"] == {"gpu": "a100"} and reward["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "x", "emptyDir": {}} in reward["volumes"] and {"name": "x", "mountPath": "/x"} in main["volumeMounts"]
+    assert env_of(main)["A"] == {"name": "A", "value": "1"}
+    assert by_kind(objs, "Service")["mesh-reward"]["spec"]["type"] == "LoadBalancer"
+    assert by_kind(objs, "Service")["mesh-policy"]["spec"]["type"] == "ClusterIP"  # only the reward service changed
+    assert {"name": "checkpoints", "persistentVolumeClaim": {"claimName": "shared"}} in \
+        by_kind(objs, "StatefulSet")["mesh-policy"]["spec"]["template"]["spec"]["volumes"]
+    assert ("PersistentVolumeClaim", "mesh-checkpoints") not in kinds
+
+
+def test_every_object_has_the_standard_labels(rendered):
+    for obj in rendered:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "rlhf"
+        assert labels["app.kubernetes.io/instance"] == "rlhf"
+        assert labels["app.kubernetes.io/version"] == "0.1.0"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/part-of"] == "rlhf-mesh"
+        assert labels["helm.sh/chart"] == "rlhf-0.1.0"
+    per_component = [o for o in rendered if o["kind"] in ("Deployment", "StatefulSet", "Job", "Service")]
+    for obj in per_component:
+        assert component_of(obj) in (*MODEL_SERVICES, "controller", "sft", "train-rm")
+
+
+def test_configmaps_load_with_the_schema_the_cli_reads(rendered, tmp_path):
+    configmaps = by_kind(rendered, "ConfigMap")
+    for role in MODEL_SERVICES:
+        path = tmp_path / f"{role}.yaml"
+        path.write_text(configmaps[f"rlhf-{role}"]["data"][f"{role}.yaml"])
+        cfg = load_service_config(path, role)
+        assert (cfg.server.port, cfg.server.metrics_port) == PORTS[role]
+    path = tmp_path / "controller.yaml"
+    path.write_text(configmaps["rlhf-controller"]["data"]["controller.yaml"])
+    cfg = load_controller_config(path)
+    assert (cfg.server.port, cfg.server.metrics_port) == PORTS["controller"]
+    assert cfg.services.reward == "kubernetes:///rlhf-reward-headless:grpc" and cfg.output_dir == "/checkpoints/runs"
+    dns = render({"controller": {"discovery": "dns"}})
+    path.write_text(by_kind(dns, "ConfigMap")["rlhf-controller"]["data"]["controller.yaml"])
+    assert load_controller_config(path).services.policy == "dns:///rlhf-policy-headless:50051"
+
+
+def test_pods_run_the_config_they_are_given(rendered):
+    for obj in workloads(rendered):
+        name = component_of(obj)
+        if name not in (*MODEL_SERVICES, "controller"):
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        main = spec["containers"][0]
+        config_volume = next(v for v in spec["volumes"] if v["name"] == "config")
+        assert config_volume["configMap"]["name"] == f"rlhf-{name}"
+        expected = ["serve", name] if name != "controller" else ["controller"]
+        assert main["args"] == [*expected, "--config", f"/etc/rlhf/{name}.yaml"]
+        assert {"name": "config", "mountPath": "/etc/rlhf", "readOnly": True} in main["volumeMounts"]
+        assert {p["name"]: p["containerPort"] for p in main["ports"]}.items() >= \
+            {"grpc": PORTS[name][0], "metrics": PORTS[name][1]}.items()
+
+
+# --- probes, GPUs, security -------------------------------------------------------------
+
+def test_probes_call_the_grpc_health_service_with_time_to_load_weights(rendered):
+    for obj in workloads(rendered):
+        name = component_of(obj)
+        if name not in (*MODEL_SERVICES, "controller"):
+            continue
+        main = obj["spec"]["template"]["spec"]["containers"][0]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert main[probe]["grpc"] == {"port": PORTS[name][0]}, (obj["metadata"]["name"], probe)
+        startup = main["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+
+
+def test_model_services_get_gpus_unless_on_cpu(rendered):
+    cpu_run = by_kind(rendered, "ConfigMap")["rlhf-policy"]["data"]["policy.yaml"].count("device: cpu")
+    for obj in workloads(rendered):
+        limits = obj["spec"]["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+        if component_of(obj) == "controller" or cpu_run:
+            assert "nvidia.com/gpu" not in limits
+        else:
+            assert limits["nvidia.com/gpu"] == 1, obj["metadata"]["name"]
+
+
+def test_pods_are_locked_down(rendered):
+    for name, spec in pod_specs(rendered):
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in containers(spec):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("privileged"), name
+
+
+def test_writable_paths_are_emptydirs_and_shm_is_memory(rendered):
+    for obj in workloads(rendered):
+        spec = obj["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert volumes[mounts["/tmp"]]["emptyDir"] == {}
+        assert "emptyDir" in volumes[mounts["/cache"]] or "persistentVolumeClaim" in volumes[mounts["/cache"]]
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory" and shm["sizeLimit"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["HF_HOME"] == "/cache/huggingface" and env["TORCH_EXTENSIONS_DIR"].startswith("/tmp/")
+
+
+def test_shm_size_comes_from_values():
+    objs = render({"reward": {"shmSize": "3Gi"}})
+    spec = by_kind(objs, "Deployment")["rlhf-reward"]["spec"]["template"]["spec"]
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "3Gi"}} in spec["volumes"]
+
+
+# --- Services and discovery ----------------------------------------------------------------
+
+def test_every_service_selects_exactly_its_component(rendered):
+    templates = {o["metadata"]["name"]: o["spec"]["template"] for o in workloads(rendered)}
+    for service in by_kind(rendered, "Service").values():
+        selector = service["spec"]["selector"]
+        matched = [name for name, t in templates.items() if selector.items() <= t["metadata"]["labels"].items()]
+        assert matched == [service["metadata"]["name"].removesuffix("-headless")]
+        ports = {p["name"] for c in templates[matched[0]]["spec"]["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= ports
+
+
+def test_replicas_are_discoverable(rendered):
+    services = by_kind(rendered, "Service")
+    for name in MODEL_SERVICES:
+        headless = services[f"rlhf-{name}-headless"]["spec"]
+        assert headless["clusterIP"] == "None"
+    for name in ("policy", "value"):
+        sts = by_kind(rendered, "StatefulSet")[f"rlhf-{name}"]["spec"]
+        assert sts["serviceName"] == f"rlhf-{name}-headless" and sts["podManagementPolicy"] == "Parallel"
+        assert services[f"rlhf-{name}-headless"]["spec"]["publishNotReadyAddresses"] is True
+    assert set(by_kind(rendered, "Deployment")) == {"rlhf-reference", "rlhf-reward"}
+
+
+def test_policy_and_value_scale_out_as_one_data_parallel_group():
+    objs = render({"policy": {"replicaCount": 4}, "value": {"replicaCount": 2},
+                                                 "reward": {"replicaCount": 3}})
+    assert by_kind(objs, "Deployment")["rlhf-reward"]["spec"]["replicas"] == 3
+    for name, size in (("policy", 4), ("value", 2)):
+        sts = by_kind(objs, "StatefulSet")[f"rlhf-{name}"]["spec"]
+        assert sts["replicas"] == size
+        env = {e["name"]: e for e in sts["template"]["spec"]["containers"][0]["env"]}
+        assert env["WORLD_SIZE"]["value"] == str(size)
+        assert env["MASTER_ADDR"]["value"] == f"rlhf-{name}-0.rlhf-{name}-headless"  # pod 0's stable DNS name
+        assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['apps.kubernetes.io/pod-index']"
+    alone = by_kind(render(), "StatefulSet")["rlhf-policy"]["spec"]
+    assert "WORLD_SIZE" not in {e["name"] for e in alone["template"]["spec"]["containers"][0]["env"]}
+    with helm_python.Chart.load(CHART) as chart:
+        with pytest.raises(helm_python.HelmValuesError) as error:
+            chart.render({"controller": {"discovery": "consul"}}, name="rlhf")
+    assert "/controller/discovery" in str(error.value), str(error.value)
+
+
+def test_controller_may_only_read_pods_and_endpointslices(rendered):
+    role = by_kind(rendered, "Role")["rlhf-controller"]
+    assert sorted((tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]) == [
+        (("",), ("pods",), ("get", "list", "watch")),
+        (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch")),
+    ]
+    binding = by_kind(rendered, "RoleBinding")["rlhf-controller"]
+    job = by_kind(rendered, "Job")["rlhf-controller"]["spec"]["template"]["spec"]
+    assert binding["roleRef"]["name"] == "rlhf-controller"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": job["serviceAccountName"], "namespace": "rlhf"}]
+    for name, spec in pod_specs(rendered):
+        assert spec["automountServiceAccountToken"] is (name == "rlhf-controller"), name
+
+
+def test_network_policy_admits_the_controller_clients_and_scrapers():
+    values = {**VALUE_SETS["gpu-opt"], "networkPolicy": {"enabled": True, "clientNamespaces": ["apps"]}}
+    objs = render(values)
+    controller_labels = by_kind(objs, "Job")["rlhf-controller"]["spec"]["template"]["metadata"]["labels"]
+    test_labels = by_kind(objs, "Pod")["rlhf-reward-test-health"]["metadata"]["labels"]
+    for name in MODEL_SERVICES:
+        policy = by_kind(objs, "NetworkPolicy")[f"rlhf-{name}"]["spec"]
+        grpc_rule = next(r for r in policy["ingress"] if r.get("ports") == [{"port": "grpc", "protocol": "TCP"}])
+        selectors = [p["podSelector"]["matchLabels"] for p in grpc_rule["from"] if "podSelector" in p]
+        assert any(s.items() <= controller_labels.items() for s in selectors)
+        assert any(s.items() <= test_labels.items() for s in selectors)
+        assert {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}} in grpc_rule["from"]
+        metrics_rule = next(r for r in policy["ingress"] if r.get("ports", [{}])[0].get("port") == "metrics")
+        assert metrics_rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+        ranks = [r for r in policy["ingress"] if "ports" not in r]  # gloo/NCCL use ephemeral ports between ranks
+        if name in ("policy", "value"):
+            own = by_kind(objs, "StatefulSet")[f"rlhf-{name}"]["spec"]["template"]["metadata"]["labels"]
+            assert len(ranks) == 1 and ranks[0]["from"][0]["podSelector"]["matchLabels"].items() <= own.items()
+        else:
+            assert ranks == []
+    assert "NetworkPolicy" not in {o["kind"] for o in render()}
+
+
+# --- monitoring ---------------------------------------------------------------------------
+
+def test_prometheus_operator_objects(gpu_chart):
+    services = by_kind(gpu_chart, "Service")
+    monitors = by_kind(gpu_chart, "ServiceMonitor")
+    assert set(monitors) == {f"rlhf-{n}" for n in (*MODEL_SERVICES, "controller")}
+    for name, monitor in monitors.items():
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        targets = [s for s in services.values() if selector.items() <= s["metadata"]["labels"].items()
+                   and any(p["name"] == "metrics" for p in s["spec"]["ports"])]
+        assert [t["metadata"]["name"] for t in targets] == [name]
+        endpoint, = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
+        assert {"action": "replace", "targetLabel": "job", "replacement": name} in endpoint["relabelings"]
+    rule = by_kind(gpu_chart, "PrometheusRule")["rlhf"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1" and rule["metadata"]["labels"]["release"]
+    alerts = yaml.safe_load((ROOT / "monitoring" / "prometheus" / "alerts.yml").read_text())
+    assert rule["spec"] == alerts and all(r["expr"] and r["alert"] for g in rule["spec"]["groups"] for r in g["rules"])
+
+
+def test_grafana_dashboard_configmap(gpu_chart):
+    dashboard = by_kind(gpu_chart, "ConfigMap")["rlhf-dashboard"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    source = json.loads((ROOT / "monitoring" / "grafana" / "rlhf-mesh.json").read_text())
+    assert json.loads(dashboard["data"]["rlhf-mesh.json"]) == source

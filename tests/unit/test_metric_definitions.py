@@ -1,0 +1,52 @@
+"""What the services and the controller export on /metrics, read from their registries (no server, no GPU)."""
+
+import types
+
+import pytest
+
+from controller.config import ControllerServerConfig
+from controller.metrics import PHASES, STEP_GAUGES, ControllerMetrics
+from services.config import ServerConfig
+from services.metrics import DeviceMemoryCollector, exposition, metrics_port
+from tests.support.metrics import PPO_STATS, fake_cuda, samples, value
+
+
+def test_port_defaults_follow_the_design_and_minus_one_disables():
+    assert [metrics_port(None, None, r) for r in ("controller", "policy", "reference", "reward", "value")] == [
+        9400, 9401, 9402, 9403, 9404]
+    assert metrics_port(None, 0, "reward") == 0  # an ephemeral gRPC port gets an ephemeral metrics port
+    assert metrics_port(None, 7000, "policy") == 9401
+    assert metrics_port(-1, 0, "policy") == -1 and metrics_port(9999, 0, "policy") == 9999
+    assert ServerConfig(metrics_port=-1).metrics_port == -1 and ControllerServerConfig().metrics_port is None
+    with pytest.raises(ValueError):
+        ServerConfig(metrics_port=-2)
+
+
+def test_controller_exports_every_step_statistic():
+    metrics = ControllerMetrics()
+    servicer = types.SimpleNamespace(state="running", runner=None, clients=None,
+                                     cfg=types.SimpleNamespace(total_steps=lambda: 10, run_id="r1", algorithm="ppo"))
+    metrics.attach(servicer)
+    metrics.observe_step(PPO_STATS)
+    metrics.observe_step(PPO_STATS | {"samples": 16, "step": 1, "reward/mean": 0.7})
+    got = samples(exposition(metrics.registry))
+    for key in PPO_STATS:
+        assert key in STEP_GAUGES or key in PHASES or key in ("samples", "step"), key
+    assert value(got, "rlhf_reward_mean") == 0.7 and value(got, "rlhf_objective_kl") == 1.5
+    assert value(got, "rlhf_eval_rm_accuracy_ratio") == 0.75 and value(got, "rlhf_policy_clip_ratio") == 0.1
+    assert value(got, "rlhf_steps_total") == 2 and value(got, "rlhf_samples_total") == 16
+    assert value(got, "rlhf_response_tokens_total") == 16 * 7.5
+    assert value(got, "rlhf_phase_seconds_count", phase="train") == 2
+    assert value(got, "rlhf_phase_seconds_sum", phase="generate") == pytest.approx(0.8)
+    assert value(got, "rlhf_run_state", state="running") == 1 and value(got, "rlhf_run_state", state="failed") == 0
+    assert value(got, "rlhf_steps_planned") == 10
+    assert value(got, "rlhf_last_step_timestamp_seconds") > 1e9
+    assert not any(name.startswith("rlhf_dpo_") for name, _ in got)  # a PPO run exports no DPO gauges
+
+
+def test_device_memory_is_read_from_the_cuda_allocator_at_scrape_time():
+    collector = DeviceMemoryCollector("policy", "cuda:0")
+    collector._cuda = fake_cuda()
+    got = {s.name: s.value for family in collector.collect() for s in family.samples}
+    assert got == {"rlhf_device_memory_allocated_bytes": 1024, "rlhf_device_memory_reserved_bytes": 2048,
+                   "rlhf_device_memory_max_allocated_bytes": 4096, "rlhf_device_memory_total_bytes": 8192}

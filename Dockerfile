@@ -52,6 +52,8 @@ COPY services ./services
 COPY controller ./controller
 COPY training ./training
 COPY demo ./demo
+COPY bench ./bench
+COPY cli ./cli
 # `datasets` loads hub data sets (Dahoas/rm-static, ...) by id.
 RUN pip install . datasets
 

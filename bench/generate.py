@@ -15,26 +15,26 @@ import grpc
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from controller.local import LocalMesh
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec
 from services.inference import Sampling, left_pad
-from services.server import GRPC_OPTIONS
+from services.launcher import LocalMesh
+from services.serving import GRPC_OPTIONS
 
 
 def bench_model(out: pathlib.Path) -> pathlib.Path:
     """A small local GPT-2 (4 layers, 256 wide) with the demo's tokenizer."""
-    from demo import task, tiny
+    from training import synthetic, tiny
 
-    tokenizer = tiny.build_tokenizer(task.corpus_texts(0), out / "tokenizer")
+    tokenizer = tiny.build_tokenizer(synthetic.corpus_texts(0), out / "tokenizer")
     return pathlib.Path(tiny.build_tiny_lm(tokenizer, out / "model", n_layer=4, n_embd=256, n_head=4, n_positions=256))
 
 
 def prompt_rows(tokenizer, batch_size: int) -> list[torch.Tensor]:
     """Token ids of `batch_size` short prompts."""
-    from demo import task
+    from training import synthetic
 
-    texts = task.train_prompts(batch_size, seed=0)
+    texts = synthetic.train_prompts(batch_size, seed=0)
     return [torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 

@@ -22,19 +22,19 @@ import urllib.request
 import grpc
 import torch
 
-from controller.local import LocalMesh
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
-from services.server import GRPC_OPTIONS
+from services.launcher import LocalMesh
+from services.serving import GRPC_OPTIONS
 
 
 def bench_reward_model(out: pathlib.Path) -> pathlib.Path:
     """The demo's tiny GPT-2 with a scalar score head, saved once so both services load the same weights."""
     from transformers import AutoModelForSequenceClassification
 
-    from demo import task, tiny
+    from training import synthetic, tiny
 
     torch.manual_seed(0)
-    tokenizer = tiny.build_tokenizer(task.corpus_texts(0), out / "tokenizer")
+    tokenizer = tiny.build_tokenizer(synthetic.corpus_texts(0), out / "tokenizer")
     lm = tiny.build_tiny_lm(tokenizer, out / "lm")
     rm = AutoModelForSequenceClassification.from_pretrained(lm, num_labels=1)
     rm.config.pad_token_id = tokenizer.pad_token_id
@@ -45,9 +45,9 @@ def bench_reward_model(out: pathlib.Path) -> pathlib.Path:
 
 def score_request(pairs: int) -> reward_pb2.ScoreRequest:
     """`pairs` demo prompts with short responses, as text."""
-    from demo import task
+    from training import synthetic
 
-    prompts = task.train_prompts(pairs, seed=0)
+    prompts = synthetic.train_prompts(pairs, seed=0)
     return reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(prompts=prompts, responses=["a short answer"] * pairs))
 
 

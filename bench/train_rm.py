@@ -119,8 +119,8 @@ def _one_round(sides: dict, order: list[str], runs: dict, work: pathlib.Path, ro
 
 def bench_train_rm(s: RMBenchSettings, as_json: bool) -> dict:
     """Print pairs/s of ours and of TRL and their ratio (one JSON object with --json)."""
-    from controller.bench import bench_model
-    from demo import task
+    from bench.generate import bench_model
+    from training import synthetic
 
     version = trl_version()
     if version is None:
@@ -130,7 +130,7 @@ def bench_train_rm(s: RMBenchSettings, as_json: bool) -> dict:
     device = s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     work = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-bench-rm-"))
     model_dir = s.model or str(bench_model(work))
-    pairs = [tuple(p) for p in task.preference_pairs(s.batch_size * s.steps, seed=0)]
+    pairs = [tuple(p) for p in synthetic.preference_pairs(s.batch_size * s.steps, seed=0)]
     kw = {"model_dir": model_dir, "batch_size": s.batch_size, "max_length": s.max_length, "lr": s.lr,
           "device": device, "threads": threads}
     sides = {"ours": lambda **a: run_ours(**a, bf16=s.bf16), "trl": lambda **a: run_trl(**a, bf16=s.bf16)}

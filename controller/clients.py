@@ -6,7 +6,13 @@ import time
 from typing import Callable
 
 from controller.replicas import Replicas, Select, split_rows
-from rlhf.v1 import policy_pb2_grpc, reference_pb2_grpc, reward_pb2_grpc, tensor_pb2, value_pb2_grpc
+from rlhf.v1 import (
+    common_pb2,
+    policy_pb2_grpc,
+    reference_pb2_grpc,
+    reward_pb2_grpc,
+    value_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +109,10 @@ class ServiceClients:
         """Ranks of the data-parallel group of `role` (1 when alone)."""
         return max(len(self.pools[role].ranks), 1)
 
-    async def infos(self) -> dict[str, list[tensor_pb2.ModelInfo]]:
+    async def infos(self) -> dict[str, list[common_pb2.ModelInfo]]:
         """Info of every replica of every service."""
         async def of(pool):
-            request = tensor_pb2.InfoRequest()
+            request = common_pb2.InfoRequest()
             return list(await asyncio.gather(*(pool.one(lambda s: s.Info, request, a) for a in pool.serving())))
 
         replies = await asyncio.gather(*(of(pool) for pool in self.pools.values()))
@@ -117,7 +123,7 @@ class ServiceClients:
             await pool.close()
 
 
-def check_shared_tokenizer(infos: dict[str, list[tensor_pb2.ModelInfo]], roles=("policy", "reference", "value")) -> None:
+def check_shared_tokenizer(infos: dict[str, list[common_pb2.ModelInfo]], roles=("policy", "reference", "value")) -> None:
     """Refuse to train when the token-id services (any of their replicas) disagree on the tokenizer."""
     present = [r for r in roles if r in infos]
     groups: dict[str, list[str]] = {}

@@ -5,8 +5,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.config import DEFAULT_PORTS, Strict, parse, read_yaml
-
+from services.config import DEFAULT_PORTS, ListenConfig, Strict, parse, read_yaml
 
 TARGET_HELP = ("host:port, a comma-separated list, dns:///host:port (every record of a headless Service) "
                "or kubernetes:///service[.namespace]:port (its EndpointSlices)")
@@ -98,16 +97,10 @@ class DataConfig(Strict):
     skip_bad_rows: bool = Field(False, description="Count and skip malformed rows instead of stopping")
 
 
-class ControllerServerConfig(Strict):
+class ControllerServerConfig(ListenConfig):
     """The controller's own gRPC endpoint (ControllerService)."""
 
-    host: str = Field("0.0.0.0", description="Address to listen on")
     port: int = Field(DEFAULT_PORTS["controller"], ge=0, le=65535, description="gRPC port; 0 picks a free one")
-    metrics_port: int | None = Field(
-        None, ge=-1, le=65535,
-        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default 9400, "
-        "or a free one when `port` is 0",
-    )
 
 
 class ControllerConfig(Strict):

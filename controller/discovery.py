@@ -227,7 +227,10 @@ def default_namespace() -> str:
 
 def load_api_client():
     """An ApiClient from the in-cluster service account, else the kubeconfig; DiscoveryError if neither."""
-    from kubernetes import client, config  # imported here: static and DNS targets do not need it
+    from kubernetes import (  # imported here: static and DNS targets do not need it
+        client,
+        config,
+    )
 
     cfg = client.Configuration()
     try:

@@ -13,7 +13,7 @@ from controller.clients import ServiceClients
 from controller.config import ControllerConfig
 from controller.evaluation import Pair
 from controller.replicas import split_rows
-from rlhf.v1 import policy_pb2, tensor_pb2
+from rlhf.v1 import common_pb2, policy_pb2
 from services import codec
 from services.batch import Sequences
 
@@ -55,11 +55,11 @@ class DPORunner:
         pairs = self._next_pairs()
         tokenized = await c.one("policy", lambda s: s.Tokenize, interleave(pairs))
         seqs = Sequences(codec.ragged_from_pb(tokenized.tokens, "tokens"), list(tokenized.prompt_lengths))
-        ref = await c.spread_rows("reference", len(seqs), lambda idx: policy_pb2.LogProbsRequest(
+        ref = await c.spread_rows("reference", len(seqs), lambda idx: common_pb2.LogProbsRequest(
             sequences=seqs.select(idx).to_pb()), lambda s: s.LogProbs,
             lambda reply: codec.ragged_from_pb(reply.logprobs, "reference.logprobs"))
         ref_logps = torch.stack([row.sum() for row in ref]).float()  # (2N,)
-        key = tensor_pb2.TrainKey(run_id=self.run_id, step=self.step_count, minibatch_index=0)
+        key = common_pb2.TrainKey(run_id=self.run_id, step=self.step_count, minibatch_index=0)
 
         def request_for(pair_index: list[int]) -> policy_pb2.PolicyTrainRequest:
             rows = [2 * i + side for i in pair_index for side in (0, 1)]

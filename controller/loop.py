@@ -17,7 +17,7 @@ from controller import ppo
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig, PPOConfig
 from controller.replicas import split_rows
-from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2, value_pb2
+from rlhf.v1 import common_pb2, policy_pb2, reward_pb2, tensor_pb2, value_pb2
 from services import codec
 from services.batch import Sequences
 from services.inference import row_seed
@@ -89,7 +89,7 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     start = time.perf_counter()
     n = len(prompts)
     ref, values, scores = await asyncio.gather(
-        clients.spread_rows("reference", n, lambda idx: policy_pb2.LogProbsRequest(
+        clients.spread_rows("reference", n, lambda idx: common_pb2.LogProbsRequest(
             sequences=seqs.select(idx).to_pb(), temperature=cfg.temperature), lambda s: s.LogProbs, _ragged("logprobs")),
         clients.spread_rows("value", n, lambda idx: value_pb2.ValuesRequest(sequences=seqs.select(idx).to_pb()),
                             lambda s: s.Values, _ragged("values")),
@@ -106,25 +106,7 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     )
 
 
-class RunningMoments:
-    """Running mean and std of RM scores, for reward normalisation."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        for value in x.tolist():  # Welford
-            self.count += 1
-            delta = value - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (value - self.mean)
-
-    @property
-    def std(self) -> float:
-        return (self.m2 / max(self.count - 1, 1)) ** 0.5 or 1.0
-
-
-def compute_advantages(exp: Experience, cfg: PPOConfig, kl_coef: float, moments: RunningMoments | None) -> None:
+def compute_advantages(exp: Experience, cfg: PPOConfig, kl_coef: float, moments: ppo.RunningMoments | None) -> None:
     """Per-token KL penalty, RM score on the last token, GAE, whitening (fills exp)."""
     scores = exp.scores
     if moments is not None:
@@ -154,7 +136,7 @@ def _rows(padded: torch.Tensor, mask: torch.Tensor, index: list[int]) -> tensor_
     return codec.ragged_to_pb(rows, torch.float32)
 
 
-def policy_request(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int], ptx=None):
+def policy_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int], ptx=None):
     """The Policy.Train request of minibatch rows `index` (one rank's shard, or the whole minibatch)."""
     ppo_objective = policy_pb2.PPOObjective(
         sequences=exp.seqs.select(index).to_pb(), old_logprobs=_rows(exp.logprobs, exp.mask, index),
@@ -164,7 +146,7 @@ def policy_request(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, in
     return policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
 
 
-def value_request(exp: Experience, cfg: PPOConfig, key: tensor_pb2.TrainKey, index: list[int]):
+def value_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int]):
     """The Value.Train request of minibatch rows `index`."""
     return value_pb2.ValueTrainRequest(
         key=key, sequences=exp.seqs.select(index).to_pb(), old_values=_rows(exp.values, exp.mask, index),
@@ -223,7 +205,7 @@ class PPORunner:
         self.ptx_texts = ptx_texts or []
         self.run_id = cfg.run_id or uuid.uuid4().hex[:12]
         self.kl_ctl = kl_controller(cfg.ppo)
-        self.moments = RunningMoments() if cfg.ppo.normalize_reward else None
+        self.moments = ppo.RunningMoments() if cfg.ppo.normalize_reward else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.policy_version = 0
@@ -246,7 +228,7 @@ class PPORunner:
                                        coef=self.cfg.ppo.ptx_coef) for part in parts]
         return batches + [None] * (ranks - len(batches))
 
-    async def _train_minibatch(self, exp: Experience, key: tensor_pb2.TrainKey, index: list[int]):
+    async def _train_minibatch(self, exp: Experience, key: common_pb2.TrainKey, index: list[int]):
         """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks."""
         cfg, c = self.cfg.ppo, self.clients
         p_ranks, v_ranks = c.ranks("policy"), c.ranks("value")
@@ -266,7 +248,7 @@ class PPORunner:
             order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
             for mb in range(n_minibatches):
                 index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
-                key = tensor_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=epoch * n_minibatches + mb)
+                key = common_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=epoch * n_minibatches + mb)
                 p, v = await self._train_minibatch(exp, key, index)
                 policy_replies.append(p)
                 value_replies.append(v)

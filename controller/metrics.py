@@ -11,11 +11,23 @@ services.metrics, in the same per-process registry.
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.metrics import DISABLED, SECONDS_BUCKETS, GrpcServerMetrics, MetricsEndpoint, MetricsInterceptor
+from services.metrics import (
+    DISABLED,
+    SECONDS_BUCKETS,
+    GrpcServerMetrics,
+    MetricsEndpoint,
+    MetricsInterceptor,
+)
 
 log = logging.getLogger(__name__)
 

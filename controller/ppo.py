@@ -1,15 +1,16 @@
-"""PPO / InstructGPT math as pure torch functions.
+"""The rollout math the PPO controller runs, as pure torch functions.
 
 Every (B, T) tensor here is right-padded over RESPONSE tokens only, with a
 `mask` (B, T) that is 1 (or True) on real response tokens. Prompt tokens never
-appear: the caller slices them off before calling in. Each implementation
-detail is commented where it lives and listed in docs/implementation-details.md.
+appear: the caller slices them off before calling in. The losses the services
+run (policy, value, entropy, DPO, pairwise ranking) are in services/objectives.py.
+Each implementation detail is commented where it lives and listed in
+docs/implementation-details.md.
 """
 
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 
 Number = Union[float, torch.Tensor]
 
@@ -139,129 +140,6 @@ def compute_gae(
     return advantages, returns
 
 
-# --------------------------------------------------------------------- losses
-
-
-class PolicyLossOutput(NamedTuple):
-    """PPO policy loss (scalar, with grad) and detached diagnostics (scalars)."""
-
-    loss: torch.Tensor
-    clipfrac: torch.Tensor  # fraction of tokens with |ratio - 1| > clip_range
-    approx_kl: torch.Tensor  # mean 0.5 * (log pi - log pi_old)^2
-
-
-def _token_mean(x: torch.Tensor, mask: torch.Tensor, normalizer: Optional[Number]) -> torch.Tensor:
-    """sum(x * mask) / normalizer, with normalizer defaulting to this batch's token count."""
-    # Dividing by the token count of the WHOLE minibatch (passed in by the caller)
-    # rather than each micro-batch's own makes micro-batch losses add up to the
-    # minibatch loss, so gradient accumulation is exact. clamp: an empty batch
-    # contributes 0 rather than NaN.
-    if normalizer is None:
-        normalizer = mask.sum().clamp(min=1)
-    return (x * mask).sum() / normalizer
-
-
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range: float,
-    normalizer: Optional[Number] = None,
-) -> PolicyLossOutput:
-    """PPO clipped surrogate loss (Schulman et al. 2017, eq. 7) averaged over response tokens.
-
-    logprobs (B, T) log pi_theta; old_logprobs (B, T) log pi_old from the rollout;
-    advantages (B, T); normalizer: token count to divide by (default mask.sum()).
-    """
-    mask = mask.to(logprobs.dtype)
-    log_ratio = logprobs - old_logprobs  # (B, T)
-    ratio = torch.exp(log_ratio)
-    # Clipping removes the incentive to move the ratio outside [1-eps, 1+eps];
-    # max of the two negated terms = the pessimistic (lower) bound of the surrogate.
-    pg_loss1 = -advantages * ratio
-    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _token_mean(torch.maximum(pg_loss1, pg_loss2), mask, normalizer)
-    with torch.no_grad():
-        clipfrac = _token_mean(((ratio - 1.0).abs() > clip_range).to(mask.dtype), mask, normalizer)
-        # 0.5 * log_ratio^2 (k2) is >= 0 and low-variance; CleanRL/TRL report it.
-        approx_kl = _token_mean(0.5 * log_ratio**2, mask, normalizer)
-    return PolicyLossOutput(loss, clipfrac, approx_kl)
-
-
-def value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip_range_value: Optional[float],
-    normalizer: Optional[Number] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * max((V - R)^2, (clip(V, V_old +- c) - R)^2) over tokens.
-
-    values (B, T) current V; old_values (B, T) V from the rollout; returns (B, T).
-    clip_range_value None disables clipping. Returns (loss, vf_clipfrac), scalars.
-    """
-    mask = mask.to(values.dtype)
-    vf_losses1 = (values - returns) ** 2
-    if clip_range_value is None:
-        vf_losses2 = vf_losses1
-    else:
-        # As for the policy, keep the value head from moving far from the rollout's
-        # estimate in one update (OpenAI baselines' PPO2, kept by TRL/OpenRLHF).
-        c = clip_range_value
-        vpredclipped = old_values + torch.clamp(values - old_values, -c, c)
-        vf_losses2 = (vpredclipped - returns) ** 2
-    loss = 0.5 * _token_mean(torch.maximum(vf_losses1, vf_losses2), mask, normalizer)
-    with torch.no_grad():
-        vf_clipfrac = _token_mean((vf_losses2 > vf_losses1).to(mask.dtype), mask, normalizer)
-    return loss, vf_clipfrac
-
-
-# ------------------------------------------------------------- logit helpers
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Upcast bf16/fp16 to float32; float32 and float64 pass through unchanged."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) along the last axis: (B, T, V) -> (B, T)."""
-    # H = logsumexp(z) - sum(p * z): no log of a softmax that may underflow to 0.
-    # H is shift-invariant; subtracting the max keeps both terms small, so large
-    # logits do not cancel to float32 rounding error. -inf logits (vocabulary
-    # masked by top-k/top-p) have p = 0; clamping them to the lowest finite float
-    # keeps 0 * -inf from turning H (or its gradient) into NaN.
-    logits = _at_least_float32(logits)
-    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(dim=-1)
-
-
-def logprobs_from_logits(
-    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """log softmax(logits / temperature) at `labels`: (B, T, V), (B, T) -> (B, T)."""
-    # Dividing by the sampling temperature makes these the log-probs of the
-    # distribution the tokens were actually drawn from, so ratios and KL are right.
-    # float32: bf16 log-probs are too coarse once exp() turns them into ratios.
-    # Gather the logit and subtract logsumexp: no (B, T, V) log-softmax is kept.
-    logits = _at_least_float32(logits) / temperature
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """1 - Var(R - V) / Var(R) over unmasked tokens (scalar): 1 is perfect, <= 0 is useless."""
-    # Both variances carry the same Bessel factor, so the biased ones give the same ratio.
-    var_returns = masked_var(returns, mask, unbiased=False)
-    return 1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns
-
-
 # ---------------------------------------------------------------- KL control
 
 
@@ -295,46 +173,21 @@ class AdaptiveKLController:
         self.value *= mult
 
 
-# --------------------------------------------------- preference-model losses
+class RunningMoments:
+    """Running mean and std of RM scores, for reward normalisation."""
 
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
-def dpo_loss(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
-    beta: float,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DPO loss (Rafailov et al. 2023, eq. 7) on per-sequence summed log-probs, each (B,).
+    def update(self, x: torch.Tensor) -> None:
+        """Add the scores x (B,) to the running statistics (Welford's algorithm)."""
+        for value in x.tolist():
+            self.count += 1
+            delta = value - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (value - self.mean)
 
-    Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,)); the rewards are
-    the implicit beta * log(pi/pi_ref), detached, for accuracy and margin metrics.
-    """
-    chosen_logratios = policy_chosen_logps - ref_chosen_logps  # (B,)
-    rejected_logratios = policy_rejected_logps - ref_rejected_logps  # (B,)
-    logits = chosen_logratios - rejected_logratios
-    # label_smoothing = assumed probability that a preference label is flipped
-    # (conservative DPO, TRL's "sigmoid" loss); 0 gives plain DPO.
-    losses = (
-        -(1.0 - label_smoothing) * F.logsigmoid(beta * logits)
-        - label_smoothing * F.logsigmoid(-beta * logits)
-    )
-    chosen_rewards = beta * chosen_logratios.detach()
-    rejected_rewards = beta * rejected_logratios.detach()
-    return losses.mean(), chosen_rewards, rejected_rewards
-
-
-def pairwise_ranking_loss(
-    chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, margin: Optional[Number] = None
-) -> torch.Tensor:
-    """Reward-model loss, InstructGPT eq. 1 for plain pairs: mean -log sigmoid(r_c - r_r - m).
-
-    chosen_scores, rejected_scores: (B,); margin: float or (B,), optional.
-    """
-    # Bradley-Terry: P(chosen > rejected) = sigmoid(r_c - r_r). The optional margin
-    # (Llama 2) asks for a larger gap on pairs labelled as clearly better.
-    diff = chosen_scores - rejected_scores
-    if margin is not None:
-        diff = diff - margin
-    return -F.logsigmoid(diff).mean()
+    @property
+    def std(self) -> float:
+        """Sample standard deviation of every score seen; 1 before there are two."""
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 or 1.0

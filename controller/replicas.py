@@ -23,8 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.discovery import Discovery, DiscoveryError, DnsDiscovery, parse_target
-from rlhf.v1 import tensor_pb2
-from services.server import GRPC_OPTIONS
+from rlhf.v1 import common_pb2
+from services.serving import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Replicas:
         """
         self.sync()
         addresses = list(self.channels)
-        infos = await asyncio.gather(*(self._call_on(a, lambda s: s.Info, tensor_pb2.InfoRequest()) for a in addresses))
+        infos = await asyncio.gather(*(self._call_on(a, lambda s: s.Info, common_pb2.InfoRequest()) for a in addresses))
         sizes = {max(i.data_parallel_size, 1) for i in infos}
         by_rank = {i.data_parallel_rank: a for i, a in zip(infos, addresses)}
         size = sizes.pop() if len(sizes) == 1 else 0

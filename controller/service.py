@@ -7,9 +7,7 @@ import pathlib
 import time
 from typing import Callable
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2
 
 from controller.clients import ServiceClients, check_shared_tokenizer
 from controller.config import ControllerConfig
@@ -18,9 +16,10 @@ from controller.dpo import DPORunner
 from controller.evaluation import Pair, compare_async, summarize
 from controller.loop import PPORunner, StepResult
 from controller.metrics import ControllerMetrics
-from rlhf.v1 import controller_pb2, controller_pb2_grpc, tensor_pb2
-from services.errors import ErrorInterceptor, NotReady
+from rlhf.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from services.errors import NotReady
 from services.metrics import metrics_port
+from services.serving import build_server
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +66,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
 
 
 async def start_controller_server(servicer: ControllerServicer):
-    """ControllerService + health + reflection on the configured port; returns (server, port)."""
-    server = grpc.aio.server(interceptors=[servicer.metrics.interceptor, ErrorInterceptor()])
-    controller_pb2_grpc.add_ControllerServiceServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = ("rlhf.v1.ControllerService", health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{servicer.cfg.server.host}:{servicer.cfg.server.port}")
-    if port == 0:
-        raise OSError(f"cannot listen on {servicer.cfg.server.host}:{servicer.cfg.server.port}")
+    """ControllerService + health + reflection on the configured port (services' server builder); (server, port)."""
     s = servicer.cfg.server
+    name = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
+    server, health_servicer, port = build_server(
+        [(servicer, controller_pb2_grpc.add_ControllerServiceServicer_to_server)], [name],
+        [servicer.metrics.interceptor], s.host, s.port)
     servicer.metrics.serve(s.host, metrics_port(s.metrics_port, s.port, "controller"))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -110,7 +104,7 @@ def check_minibatches(cfg: ControllerConfig, clients: ServiceClients) -> None:
 
 async def save_final(clients: ServiceClients, path: str) -> dict[str, str]:
     """SaveCheckpoint on the trainable services (rank 0 of a group: every rank holds the same weights)."""
-    request = tensor_pb2.SaveCheckpointRequest(path=path)
+    request = common_pb2.SaveCheckpointRequest(path=path)
     roles = [r for r in ("policy", "value") if r in clients.roles]
     replies = await asyncio.gather(*(clients.on_rank(r, 0, lambda s: s.SaveCheckpoint, request) for r in roles))
     return {role: reply.path for role, reply in zip(roles, replies)}

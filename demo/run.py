@@ -1,7 +1,8 @@
 """`rlhf demo`: the three InstructGPT steps on a tiny model, four services on loopback.
 
-Step 1 SFT and step 2 reward-model training run in this process; step 3 runs
-the policy, reference, reward and value services as separate processes and
+Step 1 SFT and step 2 reward-model training run in this process, on the same
+DeepSpeed trainer as `rlhf sft` and `rlhf train-rm`; step 3 runs the policy,
+reference, reward and value services as separate processes and
 drives PPO with the controller. The hidden gold function judges greedy
 responses to held-out prompts before and after PPO.
 """
@@ -18,16 +19,17 @@ import torch
 
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig
-from controller.local import LocalMesh
 from controller.metrics import ControllerMetrics
 from controller.service import run_controller
-from demo import task, tiny
 from demo.report import write_curves, write_report
 from rlhf.v1 import policy_pb2, reward_pb2, tensor_pb2
 from services import codec
 from services.config import DEFAULT_METRICS_PORTS
-from training.reward_model import train_reward_model
-from training.sft import train_sft
+from services.launcher import LocalMesh
+from training import synthetic, tiny
+from training.ds_trainer import TrainerConfig
+from training.rm_objective import run_train_rm
+from training.sft_objective import run_sft
 
 log = logging.getLogger("demo")
 
@@ -38,9 +40,13 @@ class DemoSettings:
 
     sft_examples: int = 4000
     sft_epochs: int = 4
+    sft_lr: float = 5e-3  # the tiny GPT-2 from scratch; fewer than ~500 steps and it misses the topic nouns
     rm_pairs: int = 3000
     rm_eval_pairs: int = 500
     rm_epochs: int = 2
+    rm_lr: float = 1e-3
+    train_batch_size: int = 32  # examples (SFT) or pairs (RM) per optimizer step, one micro-batch
+    max_length: int = 64  # tokens per prompt + response in steps 1-2
     eval_prompts: int = 64
     ppo_steps: int = 60
     batch_size: int = 64
@@ -57,17 +63,27 @@ def build_models(out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
     """Steps 0-2: tokenizer + tiny LM, SFT, reward model. Returns paths and RM stats."""
     print("[0/3] building a tokenizer and a tiny GPT-2 locally (nothing is downloaded)", flush=True)
     torch.manual_seed(seed)
-    tokenizer = tiny.build_tokenizer(task.corpus_texts(seed), out / "tokenizer")
+    tokenizer = tiny.build_tokenizer(synthetic.corpus_texts(seed), out / "tokenizer")
     base = tiny.build_tiny_lm(tokenizer, out / "base", seed=seed)
     print(f"[1/3] supervised fine-tuning on {s.sft_examples} demonstrations", flush=True)
-    sft = train_sft(base, task.sft_examples(s.sft_examples, seed), out / "sft", epochs=s.sft_epochs, seed=seed)
-    print(f"      SFT response loss {sft['first_loss']:.3f} -> {sft['loss']:.3f} in {sft['seconds']:.0f}s", flush=True)
+    sft = run_sft(base, synthetic.sft_examples(s.sft_examples, seed), out / "sft",
+                  trainer_config(s, s.sft_epochs, s.sft_lr, seed), max_length=s.max_length)
+    print(f"      SFT response loss {sft['train']['loss']:.3f} after {sft['steps']} steps "
+          f"in {sft['train_seconds']:.0f}s", flush=True)
     print(f"[2/3] reward model on {s.rm_pairs} comparisons labelled by the hidden gold function", flush=True)
-    pairs = task.preference_pairs(s.rm_pairs + s.rm_eval_pairs, seed + 1)
-    rm = train_reward_model(out / "sft", pairs[: s.rm_pairs], out / "rm", epochs=s.rm_epochs, seed=seed,
-                            eval_pairs=pairs[s.rm_pairs :])
-    print(f"      held-out pair accuracy {rm['eval_accuracy']:.3f} in {rm['seconds']:.0f}s", flush=True)
-    return {"sft": out / "sft", "rm": out / "rm", "rm_pair_accuracy": rm["eval_accuracy"], "sft_stats": sft, "rm_stats": rm}
+    pairs = synthetic.preference_pairs(s.rm_pairs + s.rm_eval_pairs, seed + 1)
+    rm = run_train_rm(out / "sft", pairs[: s.rm_pairs], out / "rm", trainer_config(s, s.rm_epochs, s.rm_lr, seed),
+                      max_length=s.max_length, eval_records=pairs[s.rm_pairs :])
+    accuracy = rm["eval"]["eval/accuracy"]
+    print(f"      held-out pair accuracy {accuracy:.3f} in {rm['train_seconds']:.0f}s", flush=True)
+    return {"sft": out / "sft", "rm": out / "rm", "rm_pair_accuracy": accuracy, "sft_stats": sft["train"],
+            "rm_stats": rm["eval"]}
+
+
+def trainer_config(s: DemoSettings, epochs: int, lr: float, seed: int) -> TrainerConfig:
+    """Steps 1-2 of the demo on the DeepSpeed trainer: one micro-batch per step, on the CPU, fp32."""
+    return TrainerConfig(epochs=epochs, lr=lr, batch_size=s.train_batch_size, micro_batch_size=s.train_batch_size,
+                         seed=seed, device="cpu", dtype="fp32")
 
 
 def service_configs(paths: dict, out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
@@ -94,7 +110,7 @@ async def greedy_responses(clients: ServiceClients, prompts: list[str], max_new_
 async def greedy_gold(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> float:
     """Mean gold score of the policy's greedy responses."""
     responses = await greedy_responses(clients, prompts, max_new_tokens)
-    return sum(task.gold_score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
+    return sum(synthetic.gold_score(p, r) for p, r in zip(prompts, responses)) / len(prompts)
 
 
 async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_tokens: int) -> dict:
@@ -102,7 +118,7 @@ async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_token
     responses = await greedy_responses(clients, prompts, max_new_tokens)
     scored = await clients.one("reward", lambda s: s.Score, reward_pb2.ScoreRequest(
         texts=reward_pb2.TextPairs(prompts=prompts, responses=responses)))
-    gold = [task.gold_score(p, r) for p, r in zip(prompts, responses)]
+    gold = [synthetic.gold_score(p, r) for p, r in zip(prompts, responses)]
     rewards = codec.tensor_from_pb(scored.scores, "scores")
     return {"responses": responses, "gold": sum(gold) / len(gold), "reward": float(rewards.mean()),
             "gold_each": gold}
@@ -111,7 +127,7 @@ async def greedy_eval(clients: ServiceClients, prompts: list[str], max_new_token
 def controller_config(endpoints: dict, out: pathlib.Path, s: DemoSettings, seed: int) -> ControllerConfig:
     """The controller's PPO settings for the demo."""
     prompts = out / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in task.train_prompts(2000, seed)) + "\n")
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in synthetic.train_prompts(2000, seed)) + "\n")
     return ControllerConfig.model_validate({
         "run_id": f"demo-{seed}", "services": endpoints, "data": {"prompts": str(prompts)},
         "server": {"host": "127.0.0.1", "port": 0}, "output_dir": str(out), "seed": seed,
@@ -126,7 +142,7 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
 
     await mesh.wait_ready(600)
     clients = ServiceClients(mesh.endpoints)
-    heldout = task.heldout_prompts(s.eval_prompts, seed)
+    heldout = synthetic.heldout_prompts(s.eval_prompts, seed)
     before = await greedy_eval(clients, heldout, s.max_new_tokens)
     print(f"      before PPO: gold {before['gold']:.3f}, reward {before['reward']:.3f}", flush=True)
     curve = []
@@ -134,7 +150,7 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
 
     def on_step(result):
         mesh.check_alive()
-        gold = [task.gold_score(p, r) for p, r in zip(result.experience.prompts, result.experience.responses)]
+        gold = [synthetic.gold_score(p, r) for p, r in zip(result.experience.prompts, result.experience.responses)]
         st = result.stats
         curve.append({"step": result.step + 1, "reward": st["reward/mean"], "kl": st["objective/kl"],
                       "gold": sum(gold) / len(gold), "policy_loss": st["policy/loss"], "value_loss": st["value/loss"],

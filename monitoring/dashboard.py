@@ -1,7 +1,7 @@
 """The rlhf-mesh Grafana dashboard, built with grafana-foundation-sdk.
 
 `python -m monitoring.dashboard` rewrites monitoring/grafana/rlhf-mesh.json;
-tests/test_monitoring.py fails when the committed JSON differs from what this
+tests/unit/test_dashboard.py fails when the committed JSON differs from what this
 module builds. Every query reads the `datasource` template variable (no
 data-source uid is written into the file), so the JSON imports into any
 Grafana with a Prometheus data source.
@@ -16,7 +16,11 @@ from grafana_foundation_sdk.builders import dashboard as dash
 from grafana_foundation_sdk.builders import prometheus, stat, timeseries
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
-from grafana_foundation_sdk.models.dashboard import DashboardCursorSync, DataSourceRef, GridPos
+from grafana_foundation_sdk.models.dashboard import (
+    DashboardCursorSync,
+    DataSourceRef,
+    GridPos,
+)
 
 OUTPUT = pathlib.Path(__file__).parent / "grafana" / "rlhf-mesh.json"
 UID = "rlhf-mesh"

@@ -1,4 +1,4 @@
-"""Regenerate what is derived from the chart's sources; tests/test_helm.py checks it is fresh.
+"""Regenerate what is derived from the chart's sources; tests/integration/test_helm_chart.py checks it is fresh.
 
     python scripts/render_k8s.py          # rewrite
     python scripts/render_k8s.py --check  # list stale files, exit 1 if any

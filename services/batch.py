@@ -103,3 +103,8 @@ class Sequences:
     def responses(self) -> list[torch.Tensor]:
         """The response tokens of each row."""
         return [r[p:] for r, p in zip(self.rows, self.prompt_lengths)]
+
+
+def chunks(n: int, size: int) -> list[list[int]]:
+    """Index lists [0..size), [size..2*size), ... covering range(n)."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]

@@ -2,7 +2,7 @@
 
 import pathlib
 
-from rlhf.v1 import tensor_pb2
+from rlhf.v1 import common_pb2
 from services.errors import InvalidArgument
 
 
@@ -18,7 +18,7 @@ def checkpoint_path(root: str, requested: str, version: int) -> pathlib.Path:
     return target
 
 
-async def save_checkpoint(servicer, request, module, tokenizer) -> tensor_pb2.SaveCheckpointResponse:
+async def save_checkpoint(servicer, request, module, tokenizer) -> common_pb2.SaveCheckpointResponse:
     """Write module + tokenizer with save_pretrained on the model thread."""
     version = servicer.model_version()
     root = servicer.cfg.server.checkpoint_dir or f"checkpoints/{servicer.role}"
@@ -31,4 +31,4 @@ async def save_checkpoint(servicer, request, module, tokenizer) -> tensor_pb2.Sa
         return sorted(p.name for p in target.iterdir())
 
     files = await servicer.on_model_thread(write)
-    return tensor_pb2.SaveCheckpointResponse(path=str(target), model_version=version, files=files)
+    return common_pb2.SaveCheckpointResponse(path=str(target), model_version=version, files=files)

@@ -64,16 +64,21 @@ class TrainingConfig(Strict):
     )
 
 
-class ServerConfig(Strict):
-    """Network and process settings."""
+class ListenConfig(Strict):
+    """Where a process listens: its gRPC address and its Prometheus /metrics port (services and controller)."""
 
     host: str = Field("0.0.0.0", description="Address to listen on")
-    port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
     metrics_port: int | None = Field(
         None, ge=-1, le=65535,
-        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default per role "
-        "(9401-9404), or a free one when `port` is 0",
+        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default per process "
+        "(controller 9400, policy 9401, reference 9402, reward 9403, value 9404), or a free one when `port` is 0",
     )
+
+
+class ServerConfig(ListenConfig):
+    """Network and process settings of a model service."""
+
+    port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
     grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
     checkpoint_dir: str | None = Field(

@@ -18,7 +18,6 @@ import datetime
 import logging
 import os
 import pathlib
-import socket
 import sys
 import tempfile
 import threading
@@ -37,13 +36,6 @@ MicroLoss = Callable[[torch.nn.Module], torch.Tensor]
 AGREE_WIDTH = 8  # numbers one `agree` call sums over the group
 
 
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deepspeed_env(device_type: str) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device_type == "cuda" else "cpu")
     # DeepSpeed JIT-builds its CPU comm op; keep the build with this environment.
@@ -60,7 +52,7 @@ def build_cpu_ops() -> None:
     build_shm_op()
 
 
-def _init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> None:
+def init_distributed(device: torch.device, timeout_seconds: float = 600.0) -> None:
     """A one-rank torch.distributed world unless the environment names a group (RANK, WORLD_SIZE, ...)."""
     _deepspeed_env(device.type)
     for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -135,7 +127,7 @@ class TrainEngine:
     """Wraps deepspeed.initialize; counts applied steps as the model version."""
 
     def __init__(self, module: torch.nn.Module, cfg: TrainingConfig, dtype: torch.dtype, device: torch.device):
-        _init_distributed(device, cfg.collective_timeout_seconds)
+        init_distributed(device, cfg.collective_timeout_seconds)
         import deepspeed
 
         self.engine, *_ = deepspeed.initialize(

@@ -4,13 +4,13 @@ import asyncio
 import collections
 from typing import Awaitable, Callable
 
-from rlhf.v1 import tensor_pb2
+from rlhf.v1 import common_pb2
 from services.errors import InvalidArgument
 
 Key = tuple[str, int, int]
 
 
-def key_from_pb(pb: tensor_pb2.TrainKey, field: str = "key") -> Key:
+def key_from_pb(pb: common_pb2.TrainKey, field: str = "key") -> Key:
     """Validate a TrainKey: run_id is required, step and minibatch_index >= 0."""
     if not pb.run_id:
         raise InvalidArgument(f"{field}.run_id", "required (idempotency key)")

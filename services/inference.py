@@ -1,7 +1,7 @@
 """Forward passes shared by serving and training: one code path for log-probs.
 
 Generate, LogProbs and Train all turn logits into log-probs with
-`controller.ppo.logprobs_from_logits(logits, tokens, temperature)`, so the
+`services.objectives.logprobs_from_logits(logits, tokens, temperature)`, so the
 PPO ratio on freshly sampled data is 1 up to floating-point noise.
 """
 
@@ -9,12 +9,18 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import (GenerationConfig, LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-from controller.ppo import logprobs_from_logits
 from services.batch import Sequences
 from services.codec import pad_rows
+from services.objectives import logprobs_from_logits
 
 
 def _temperature(t: float) -> float:

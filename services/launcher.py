@@ -1,27 +1,50 @@
 """The four model services as local processes on loopback ports (demo, tests, benchmarks).
 
+Each process is `rlhf serve ROLE` (`python -m cli serve ROLE`) with a YAML
+written here; readiness is the standard gRPC health check, as a Kubernetes
+probe would ask it.
+
 `replicas` runs a role as several processes: independent replicas for
 reference and reward, one data-parallel group (RANK/WORLD_SIZE over a
 loopback rendezvous) for policy and value. A role's endpoint is then the
 comma-separated list of its processes' addresses.
 """
 
+import asyncio
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
 
+import grpc
 import yaml
-
-from services.engine import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROLES = ("policy", "reference", "reward", "value")
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 GROUPED = ("policy", "value")  # several processes of these form one data-parallel group
+
+
+def free_port() -> int:
+    """A currently free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def serving(address: str, timeout: float = 1.0) -> bool:
+    """Whether the gRPC server at `address` answers its health check with SERVING."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class LocalMesh:
@@ -77,7 +100,7 @@ class LocalMesh:
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         log = open(self.workdir / f"{name}.log", "w")
-        command = [sys.executable, "-m", "controller.cli", "serve", role, "--config", str(path)]
+        command = [sys.executable, "-m", "cli", "serve", role, "--config", str(path)]
         self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def stop_process(self, name: str, timeout: float = 30.0) -> int:
@@ -98,14 +121,18 @@ class LocalMesh:
                 raise RuntimeError(f"{name} service exited with code {proc.returncode}:\n" + "\n".join(tail))
 
     async def wait_ready(self, timeout: float = 600.0) -> None:
-        """Wait until every service reports SERVING; fail at once if one exits."""
-        from controller.clients import ServiceClients
-
-        clients = ServiceClients(self.endpoints)
-        try:
-            await clients.wait_ready(timeout, check=self.check_alive)
-        finally:
-            await clients.close()
+        """Wait until every service process reports SERVING; fail at once if one exits."""
+        end = time.monotonic() + timeout
+        waiting = {name: f"127.0.0.1:{self.ports[name]}" for name in self.processes}
+        while waiting:
+            self.check_alive()
+            for name, address in list(waiting.items()):
+                if await serving(address):
+                    del waiting[name]
+            if waiting and time.monotonic() > end:
+                raise TimeoutError(f"not serving after {timeout:.0f}s: {', '.join(sorted(waiting))}")
+            if waiting:
+                await asyncio.sleep(0.3)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int]:
         """SIGTERM every service, wait for the drain, return exit codes."""

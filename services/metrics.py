@@ -11,13 +11,20 @@ global one), so several services in one test process keep their numbers apart.
 """
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
 
 import grpc
 import prometheus_client
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -149,27 +156,39 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_stream_rpc_method_handler(_streaming(m, handler.stream_stream, True), **serializers)
 
 
+def _begin(m: _Method, request, request_streaming: bool):
+    """Count the call as started and its request message(s) as received; returns the request to pass on."""
+    m.started.inc()
+    if request_streaming:
+        return _counted(request, m.received)
+    m.received.inc()
+    return request
+
+
+@contextlib.contextmanager
+def _timed(m: _Method, context):
+    """Time the body as one call and record its final status code, whatever ends it."""
+    start, error = time.perf_counter(), None
+    try:
+        yield
+    except BaseException as e:
+        error = e
+        raise
+    finally:
+        m.done(_final_code(error, context), time.perf_counter() - start)
+
+
 def _unary(m: _Method, inner, request_streaming: bool):
     """Wrap a handler that returns one response (unary-unary or stream-unary)."""
 
     async def handle(request, context):
-        m.started.inc()
-        if request_streaming:
-            request = _counted(request, m.received)
-        else:
-            m.received.inc()
-        start, error = time.perf_counter(), None
-        try:
+        request = _begin(m, request, request_streaming)
+        with _timed(m, context):
             reply = inner(request, context)
             if inspect.isawaitable(reply):  # aio handlers may also be plain functions
                 reply = await reply
             m.sent.inc()
             return reply
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            m.done(_final_code(error, context), time.perf_counter() - start)
 
     return handle
 
@@ -177,34 +196,17 @@ def _unary(m: _Method, inner, request_streaming: bool):
 def _streaming(m: _Method, inner, request_streaming: bool):
     """Wrap a handler that streams responses: an async generator, or a coroutine using context.write."""
 
-    def begin(request):
-        m.started.inc()
-        if request_streaming:
-            return _counted(request, m.received)
-        m.received.inc()
-        return request
-
     async def generate(request, context):
-        request, start, error = begin(request), time.perf_counter(), None
-        try:
+        request = _begin(m, request, request_streaming)
+        with _timed(m, context):
             async for reply in inner(request, context):
                 m.sent.inc()
                 yield reply
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            m.done(_final_code(error, context), time.perf_counter() - start)
 
     async def write(request, context):
-        request, start, error = begin(request), time.perf_counter(), None
-        try:
+        request = _begin(m, request, request_streaming)
+        with _timed(m, context):
             return await inner(request, context)
-        except BaseException as e:
-            error = e
-            raise
-        finally:
-            m.done(_final_code(error, context), time.perf_counter() - start)
 
     return generate if inspect.isasyncgenfunction(inner) else write
 

@@ -1,4 +1,8 @@
-"""Loading Hugging Face checkpoints for each role, through a registry dict.
+"""Loading Hugging Face checkpoints: the one model and tokenizer loader.
+
+The services load each role through the LOADERS registry; the offline
+trainer of steps 1-2 (training/) loads its starting models with the same
+functions, so a checkpoint means the same thing everywhere.
 
 policy / reference: AutoModelForCausalLM.
 reward: AutoModelForSequenceClassification with one label (a causal LM
@@ -14,7 +18,12 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+from transformers.utils import logging as hf_logging
 
 from services.batch import ModelLimits
 from services.config import ModelConfig
@@ -22,7 +31,7 @@ from services.config import ModelConfig
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length")
 
 
 class TokenValueModel(torch.nn.Module):
@@ -71,20 +80,59 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
 
 
-def _max_length(hf_config, cfg: ModelConfig) -> int:
-    limit = next((getattr(hf_config, a) for a in _POSITION_ATTRS if getattr(hf_config, a, None)), 2048)
-    if cfg.max_sequence_length is not None:
-        limit = min(limit, cfg.max_sequence_length)
-    return int(limit)
+def position_limit(hf_config, requested: int | None = None, default: int = 2048) -> int:
+    """The model's number of positions (`default` if its config declares none), capped at `requested`."""
+    limit = next((getattr(hf_config, a) for a in _POSITION_ATTRS if isinstance(getattr(hf_config, a, None), int)),
+                 default)
+    return int(min(limit, requested) if requested is not None else limit)
 
 
-def _load_tokenizer(cfg: ModelConfig):
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
-    )
-    if tokenizer.pad_token_id is None:  # many causal LMs ship without one
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The tokenizer at `path` with an eos token (sep for BERT-style tokenizers) and a pad token (eos if none).
+
+    Sequences end with eos (`encode_for_reward` reads the score there), and
+    batches are padded, so both must exist.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:  # many causal LMs ship without one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def causal_lm(path: str, dtype: torch.dtype, tokenizer, revision: str | None = None,
+              trust_remote_code: bool = False) -> torch.nn.Module:
+    """Any causal LM (AutoModelForCausalLM), its config's pad id set from the tokenizer when missing."""
+    model = AutoModelForCausalLM.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code,
+                                                 dtype=dtype)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def sequence_classifier(path: str, dtype: torch.dtype, tokenizer, revision: str | None = None,
+                        trust_remote_code: bool = False, new_head: bool = False) -> torch.nn.Module:
+    """A one-label AutoModelForSequenceClassification on `path`.
+
+    A decoder (GPT-2, OPT, Llama...) reads its score at the last non-pad token,
+    which needs config.pad_token_id. new_head: a head of another size is
+    replaced by a fresh one-output head, quietly (training a reward model from
+    an SFT checkpoint); otherwise a causal-LM checkpoint still gets a fresh
+    scalar `score` head.
+    """
+    verbosity = hf_logging.get_verbosity()
+    if new_head:
+        hf_logging.set_verbosity_error()  # "newly initialised score head" is expected here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, revision=revision, trust_remote_code=trust_remote_code, dtype=dtype,
+            **({"ignore_mismatched_sizes": True} if new_head else {}))
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if new_head or model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _finish(model, tokenizer, cfg: ModelConfig) -> LoadedModel:
@@ -96,39 +144,35 @@ def _finish(model, tokenizer, cfg: ModelConfig) -> LoadedModel:
     if getattr(hf_config, "pad_token_id", None) is None:
         hf_config.pad_token_id = tokenizer.pad_token_id
     embeddings = (model.hf_model if isinstance(model, TokenValueModel) else model).get_input_embeddings()
-    limits = ModelLimits(vocab_size=embeddings.num_embeddings, max_length=_max_length(hf_config, cfg))
+    limits = ModelLimits(vocab_size=embeddings.num_embeddings,
+                         max_length=position_limit(hf_config, cfg.max_sequence_length))
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
     return LoadedModel(model, tokenizer, limits, device, dtype, tokenizer_fingerprint(tokenizer), tokenizer.pad_token_id, eos)
 
 
-def _hub_kwargs(cfg: ModelConfig) -> dict:
-    return {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": DTYPES[cfg.dtype]}
+def _tokenizer_for(cfg: ModelConfig):
+    return load_tokenizer(cfg.tokenizer or cfg.path, cfg.revision, cfg.trust_remote_code)
 
 
 def load_causal_lm(cfg: ModelConfig) -> LoadedModel:
     """Policy and reference: any causal LM."""
-    tokenizer = _load_tokenizer(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.path, **_hub_kwargs(cfg))
+    tokenizer = _tokenizer_for(cfg)
+    model = causal_lm(cfg.path, DTYPES[cfg.dtype], tokenizer, cfg.revision, cfg.trust_remote_code)
     return _finish(model, tokenizer, cfg)
-
-
-def _sequence_classifier(cfg: ModelConfig, tokenizer):
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=1, **_hub_kwargs(cfg))
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def load_reward_model(cfg: ModelConfig) -> LoadedModel:
     """Reward: one-label sequence classifier, score read at the last non-pad token."""
-    tokenizer = _load_tokenizer(cfg)
-    return _finish(_sequence_classifier(cfg, tokenizer), tokenizer, cfg)
+    tokenizer = _tokenizer_for(cfg)
+    model = sequence_classifier(cfg.path, DTYPES[cfg.dtype], tokenizer, cfg.revision, cfg.trust_remote_code)
+    return _finish(model, tokenizer, cfg)
 
 
 def load_value_model(cfg: ModelConfig) -> LoadedModel:
     """Value: one-label classifier backbone + head applied at every position."""
-    tokenizer = _load_tokenizer(cfg)
-    return _finish(TokenValueModel(_sequence_classifier(cfg, tokenizer)), tokenizer, cfg)
+    tokenizer = _tokenizer_for(cfg)
+    model = sequence_classifier(cfg.path, DTYPES[cfg.dtype], tokenizer, cfg.revision, cfg.trust_remote_code)
+    return _finish(TokenValueModel(model), tokenizer, cfg)
 
 
 LOADERS = {

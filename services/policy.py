@@ -5,16 +5,16 @@ from dataclasses import dataclass
 
 import torch
 
-from controller import ppo
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
-from services import codec
-from services.batch import Sequences, check_token_rows, tokens_from_pb
+from services import codec, objectives
+from services.batch import Sequences, check_token_rows, chunks, tokens_from_pb
 from services.batcher import Batcher
 from services.errors import InvalidArgument
+from services.formatting import IGNORE_INDEX, encode_sft_example
 from services.inference import Sampling, generate, response_logits, response_logprobs
 from services.models import LoadedModel
-from services.server import TrainableServicer, check_temperature, chunks, micro_batch_size
-from training.sft import IGNORE_INDEX, encode_sft_example
+from services.servicer import TrainableServicer
+from services.validation import check_temperature, micro_batch_size
 
 
 def sampling_from_pb(pb: policy_pb2.SamplingParams, room: int) -> Sampling:
@@ -106,7 +106,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
     """Holds the actor; Generate and LogProbs are batched, Train is one step per request."""
 
     role = "policy"
-    service_name = "rlhf.v1.PolicyService"
+    service_name = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -176,9 +176,9 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
                 logits = logits.float() / batch.temperature  # (b, R, V)
                 old, _ = codec.pad_rows([batch.old_logprobs[i] for i in idx])
                 adv, _ = codec.pad_rows([batch.advantages[i] for i in idx])
-                logprobs = ppo.logprobs_from_logits(logits, labels)  # (b, R)
-                out = ppo.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range, n_tokens)
-                entropy = (ppo.entropy_from_logits(logits) * mask).sum() / n_tokens
+                logprobs = objectives.logprobs_from_logits(logits, labels)  # (b, R)
+                out = objectives.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range, n_tokens)
+                entropy = (objectives.entropy_from_logits(logits) * mask).sum() / n_tokens
                 for name, value in (("policy_loss", out.loss), ("clip_fraction", out.clipfrac),
                                     ("approx_kl", out.approx_kl), ("entropy", entropy)):
                     stats[name] = stats.get(name, 0.0) + float(value.detach())
@@ -197,7 +197,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
                 ids, mask = codec.pad_rows([rows[i] for i in idx], m.pad_id)
                 ids, mask = ids.to(m.device), mask.to(m.device)
                 logits = engine(input_ids=ids, attention_mask=mask.long()).logits[:, :-1].float()  # (b, T-1, V)
-                nll = -ppo.logprobs_from_logits(logits, ids[:, 1:]) * mask[:, 1:]
+                nll = -objectives.logprobs_from_logits(logits, ids[:, 1:]) * mask[:, 1:]
                 loss = nll.sum() / n_tokens  # mean LM loss over every pretraining token
                 stats["ptx_loss"] = stats.get("ptx_loss", 0.0) + float(loss.detach())
                 return coef * loss
@@ -215,9 +215,9 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             def fn(engine):
                 rows = [2 * i + side for i in pair_idx for side in (0, 1)]
                 logits, labels, mask = response_logits(engine, batch.seqs.select(rows), m.pad_id, m.device)
-                logps = (ppo.logprobs_from_logits(logits.float(), labels) * mask).sum(1)  # (2b,)
+                logps = (objectives.logprobs_from_logits(logits.float(), labels) * mask).sum(1)  # (2b,)
                 ref = batch.reference_logps[rows].to(m.device)
-                loss, chosen, rejected = ppo.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2],
+                loss, chosen, rejected = objectives.dpo_loss(logps[0::2], logps[1::2], ref[0::2], ref[1::2],
                                                       batch.beta, batch.label_smoothing)
                 share = len(pair_idx) / n_pairs  # micro-batch losses add up to the minibatch mean
                 stats["policy_loss"] = stats.get("policy_loss", 0.0) + float(loss.detach()) * share

@@ -2,26 +2,18 @@
 
 import torch
 
-from rlhf.v1 import reference_pb2_grpc
-from services.batcher import Batcher
+from rlhf.v1 import reference_pb2, reference_pb2_grpc
 from services.inference import response_logprobs
-from services.server import ModelServicer
+from services.servicer import FrozenServicer
 
 
-class ReferenceServicer(ModelServicer, reference_pb2_grpc.ReferenceServiceServicer):
+class ReferenceServicer(FrozenServicer, reference_pb2_grpc.ReferenceServiceServicer):
     """Frozen; concurrent LogProbs requests are batched."""
 
     role = "reference"
-    service_name = "rlhf.v1.ReferenceService"
+    service_name = reference_pb2.DESCRIPTOR.services_by_name["ReferenceService"].full_name
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.batcher = Batcher(self._run, cfg.batching, self.executor)
-
-    def after_load(self, loaded) -> None:
-        loaded.model.requires_grad_(False)
-
-    def _run(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
+    def run_batch(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
         return self.per_sequence(response_logprobs, self.loaded.model, seqs, temperature)
 
     async def LogProbs(self, request, context):

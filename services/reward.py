@@ -4,28 +4,20 @@ import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
-from services.batch import check_token_rows, tokens_from_pb
-from services.batcher import Batcher
+from services.batch import check_token_rows, chunks, tokens_from_pb
 from services.errors import InvalidArgument
+from services.formatting import encode_for_reward
 from services.inference import sequence_scores
-from services.server import ModelServicer, chunks
-from training.formatting import encode_for_reward
+from services.servicer import FrozenServicer
 
 
-class RewardServicer(ModelServicer, reward_pb2_grpc.RewardServiceServicer):
+class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     """Frozen; accepts token ids or (prompt, response) text and batches requests."""
 
     role = "reward"
-    service_name = "rlhf.v1.RewardService"
+    service_name = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.batcher = Batcher(self._run, cfg.batching, self.executor)
-
-    def after_load(self, loaded) -> None:
-        loaded.model.requires_grad_(False)
-
-    def _run(self, _key, rows: list[torch.Tensor]) -> list[float]:
+    def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
         m = self.loaded
         out = []
         with torch.no_grad():

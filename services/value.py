@@ -4,28 +4,21 @@ import math
 
 import torch
 
-from controller import ppo
 from rlhf.v1 import value_pb2, value_pb2_grpc
-from services import codec
-from services.batch import Sequences
+from services import codec, objectives
+from services.batch import Sequences, chunks
 from services.batcher import Batcher
 from services.errors import InvalidArgument
 from services.inference import response_values
-from services.server import TrainableServicer, chunks, micro_batch_size
-
-
-def explained_variance_from_sums(sums: list[float]) -> float:
-    """1 - Var(R - V) / Var(R) from token count, sum R, sum R^2, sum (R - V), sum (R - V)^2 (additive over shards)."""
-    n, r, r2, d, d2 = sums
-    var_returns = r2 / n - (r / n) ** 2
-    return 1.0 - (d2 / n - (d / n) ** 2) / var_returns if var_returns > 0 else float("nan")
+from services.servicer import TrainableServicer
+from services.validation import micro_batch_size
 
 
 class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     """Holds the critic; Values is batched, Train is one step per request."""
 
     role = "value"
-    service_name = "rlhf.v1.ValueService"
+    service_name = value_pb2.DESCRIPTOR.services_by_name["ValueService"].full_name
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -57,7 +50,7 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
                 values = full.gather(1, index.to(m.device)).float()  # (b, R)
                 old, _ = codec.pad_rows([old_values[i] for i in idx])
                 ret, _ = codec.pad_rows([returns[i] for i in idx])
-                loss, clipfrac = ppo.value_loss(values, old.to(m.device), ret.to(m.device), mask.to(m.device),
+                loss, clipfrac = objectives.value_loss(values, old.to(m.device), ret.to(m.device), mask.to(m.device),
                                                 clip or None, n_tokens)
                 stats["loss"] += float(loss.detach())
                 stats["clip_fraction"] += float(clipfrac)
@@ -68,12 +61,12 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
             return fn
 
         grad_norm = self.trainer.step([micro_loss(idx) for idx in chunks(len(seqs), micro)])
-        v = torch.cat([predicted[i] for i in range(len(seqs))]).double()  # every response token, (N,)
-        r = torch.cat(returns).double()
-        sums = self.trainer.agree([len(r), r.sum(), (r * r).sum(), (r - v).sum(), ((r - v) ** 2).sum()])
+        v = torch.cat([predicted[i] for i in range(len(seqs))])  # every response token, (N,)
+        r = torch.cat(returns)
+        sums = self.trainer.agree(objectives.explained_variance_sums(v, r, torch.ones_like(r)))  # the whole minibatch's
         return value_pb2.ValueTrainResponse(
             grad_norm=grad_norm, model_version=self.trainer.version, tokens=tokens,
-            explained_variance=explained_variance_from_sums(sums), **stats,
+            explained_variance=objectives.explained_variance_from_sums(sums), **stats,
         )
 
     def _decode_train(self, request, m) -> tuple:

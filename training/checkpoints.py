@@ -1,4 +1,4 @@
-"""Loading models for steps 1 and 2, saving them, and resumable trainer checkpoints.
+"""Saving the models of steps 1 and 2, and resumable trainer checkpoints.
 
 A checkpoint is a directory OUT/checkpoint-STEP holding:
 
@@ -20,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedTokenizerBase)
-from transformers.utils import logging as hf_logging
+from transformers import PreTrainedTokenizerBase
+
+from services import models
 
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng_state.pt"
-_POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
 class ResumeError(ValueError):
@@ -49,49 +48,11 @@ class TrainerState:
 # ---- loading ----------------------------------------------------------------------------------
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer of `path`, with a pad token (eos if it has none, as the services do)
-    and an eos token (sep for BERT-style tokenizers): `encode_for_reward` appends eos."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
-        tokenizer.eos_token = tokenizer.sep_token
+    """`services.models.load_tokenizer`, refusing a tokenizer with no eos (or sep) to end examples with."""
+    tokenizer = models.load_tokenizer(str(path))
     if tokenizer.eos_token is None:
         raise ValueError(f"{path}: the tokenizer has neither an eos nor a sep token to end sequences with")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def load_causal_lm(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """Any causal LM (the SFT starting point), float32."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
-
-
-def load_reward_backbone(path: str | Path, tokenizer: PreTrainedTokenizerBase) -> torch.nn.Module:
-    """A one-output `AutoModelForSequenceClassification` on `path`, float32.
-
-    A decoder (GPT-2, OPT, Llama...) gets a new scalar head and reads its score
-    at the last non-pad token, which needs config.pad_token_id; an encoder
-    (BERT...) uses its own pooling. An existing head of another size is replaced.
-    """
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised score head" is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=1, ignore_mismatched_sizes=True, dtype=torch.float32)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.config.use_cache = False  # scoring never decodes; no KV cache to build in training
-    return model
-
-
-def position_limit(config, requested: int) -> int:
-    """`requested` capped at the model's number of positions (if it declares one)."""
-    limits = [getattr(config, name) for name in _POSITION_ATTRS if isinstance(getattr(config, name, None), int)]
-    return min([requested, *limits])
 
 
 # ---- saving -------------------------------------------------------------------------------------

@@ -13,19 +13,18 @@ usable row or forced with `layout=`:
 
 A malformed row raises `DatasetError` naming file, line (or row) and field;
 with `skip_bad_rows=True` it is counted in the `LoadReport` instead. Splits
-hash the prompt, so a prompt never lands in two splits and file order does not
-matter. See docs/datasets.md.
+(training/splits.py) hash the prompt, so a prompt never lands in two splits and
+file order does not matter. See docs/datasets.md.
 """
 
-import gzip
-import hashlib
-import importlib
-import json
 import pathlib
-import re
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any, Callable, Iterator, NamedTuple, Sequence, TypeVar
+from typing import Any, Callable, NamedTuple, Sequence
+
+# DatasetError, is_hub_id and the splits are part of this module's interface: users load, then split.
+from training.sources import DatasetError, RowError, Rows, is_hub_id, json_type, open_source  # noqa: F401
+from training.splits import parse_fractions, phase_split, prompt_of, train_eval_split  # noqa: F401
 
 LAYOUTS = ("pairs", "hh", "ranked", "sft", "prompt")
 PREFERENCE_LAYOUTS = ("pairs", "hh", "ranked")
@@ -38,24 +37,13 @@ RESPONSE_KEYS = ("response", "completion")
 HH_ASSISTANT = "\n\nAssistant:"
 MAX_REPORTED_ERRORS = 5
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
-
-
-class DatasetError(ValueError):
-    """A data file or row that cannot be loaded; the message starts with `file:line:`."""
-
-    def __init__(self, message: str, *, where: str | None = None, field: str | None = None):
-        super().__init__(message)
-        self.where = where  # "data/rm.jsonl:17", "data/rm.parquet:row 3", or None for the whole source
-        self.field = field  # the offending column, or None
 
 
 class PreferencePair(NamedTuple):
     """One comparison: `chosen` is preferred to `rejected` as a reply to `prompt`.
 
     A NamedTuple, so it is also the `(prompt, chosen, rejected)` tuple that
-    `training.reward_model` takes.
+    `training.rm_objective` takes.
     """
 
     prompt: str
@@ -108,144 +96,7 @@ class LoadReport:
 
 
 Record = PreferencePair | RankedPrompt | SFTExample | str
-R = TypeVar("R", PreferencePair, RankedPrompt, SFTExample, str)
-
-
-class _RowError(Exception):
-    """A problem with one row; `_load` adds the location and turns it into a DatasetError."""
-
-    def __init__(self, reason: str, field: str | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.field = field
-
-    def to_dataset_error(self, where: str) -> DatasetError:
-        """The user-facing error: `where: field 'x': reason`."""
-        prefix = f"{where}: field {self.field!r}: " if self.field else f"{where}: "
-        return DatasetError(prefix + self.reason, where=where, field=self.field)
-
-
-# ---- sources: each yields (where, row) with row a dict or a _RowError --------------------
-
-Rows = Iterator[tuple[str, dict | _RowError]]
-
-
-def _json_type(value: Any) -> str:
-    """The JSON name of a value's type, for error messages."""
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number",
-             str: "a string", list: "a list", dict: "an object"}
-    return names.get(type(value), type(value).__name__)
-
-
-def is_hub_id(source: str) -> bool:
-    """True when `source` (without a `:split` suffix) is not a local path and looks like `owner/name`."""
-    name = source.rsplit(":", 1)[0] if ":" in source else source
-    if pathlib.Path(source).exists() or pathlib.Path(name).exists():
-        return False
-    return _HUB_ID.fullmatch(name) is not None and not name.endswith(_FILE_SUFFIXES)
-
-
-def _open_source(source: str | pathlib.Path, split: str) -> tuple[str, Rows]:
-    """(display name, rows) for a local file or a hub id."""
-    text = str(source)
-    if is_hub_id(text):
-        name, _, suffix = text.partition(":")
-        return f"{name}[{suffix or split}]", _hub_rows(name, suffix or split)
-    path = pathlib.Path(text)
-    if not path.is_file():
-        what = "file" if text.endswith(_FILE_SUFFIXES) else "file or Hugging Face id (owner/name)"
-        raise DatasetError(f"{text}: no such {what}", where=text)
-    readers = {".jsonl": _jsonl_rows, ".jsonl.gz": _jsonl_rows, ".json": _json_rows,
-               ".json.gz": _json_rows, ".parquet": _parquet_rows}
-    for suffix, reader in readers.items():
-        if text.endswith(suffix):
-            return text, reader(path, text)
-    raise DatasetError(f"{text}: unknown file type; expected one of {', '.join(_FILE_SUFFIXES)}",
-                       where=text)
-
-
-def _open_text(path: pathlib.Path):
-    """A text handle on a plain or gzipped UTF-8 file (a leading BOM is dropped)."""
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig")
-    return path.open(encoding="utf-8-sig")
-
-
-def _jsonl_rows(path: pathlib.Path, name: str) -> Rows:
-    """One JSON object per line; blank lines are skipped, `where` is the 1-based line."""
-    try:
-        with _open_text(path) as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield f"{name}:{number}", _decode_line(line)
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{name}: cannot read ({error})", where=name) from None
-
-
-def _decode_line(line: str) -> dict | _RowError:
-    """A jsonl line as a dict, or the reason it is not one."""
-    try:
-        row = json.loads(line.rstrip("\r\n"))
-    except json.JSONDecodeError as error:
-        return _RowError(f"not valid JSON ({error.msg} at column {error.colno})")
-    if not isinstance(row, dict):
-        return _RowError(f"expected a JSON object, got {_json_type(row)}")
-    return row
-
-
-def _json_rows(path: pathlib.Path, name: str) -> Rows:
-    """A JSON list of objects; `where` is the 0-based row index."""
-    try:
-        with _open_text(path) as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"{name}:{error.lineno}: not valid JSON ({error.msg})", where=name) from None
-    except (OSError, EOFError, UnicodeDecodeError) as error:
-        raise DatasetError(f"{name}: cannot read ({error})", where=name) from None
-    if not isinstance(data, list):
-        raise DatasetError(f"{name}: expected a JSON list of objects, got {_json_type(data)}",
-                           where=name)
-    for index, row in enumerate(data):
-        bad = None if isinstance(row, dict) else _RowError(f"expected an object, got {_json_type(row)}")
-        yield f"{name}:row {index}", bad or row
-
-
-def _parquet_rows(path: pathlib.Path, name: str) -> Rows:
-    """Rows of a parquet file read in batches with pyarrow; `where` is the 0-based row index."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DatasetError(f"{name}: install `pyarrow` to read parquet files", where=name) from None
-    try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
-        index = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                yield f"{name}:row {index}", row
-                index += 1
-    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-        raise DatasetError(f"{name}: cannot read parquet ({error})", where=name) from None
-
-
-def _hub_rows(repo_id: str, split: str) -> Rows:
-    """Rows of `datasets.load_dataset(repo_id, split=split)`; `datasets` is imported only here."""
-    try:
-        hf_datasets = importlib.import_module("datasets")
-        load_dataset = hf_datasets.load_dataset
-    except (ImportError, AttributeError):
-        raise DatasetError(f"{repo_id}: install `datasets` to load hub ids (pip install datasets); "
-                           "no local file has this name", where=repo_id) from None
-    name = f"{repo_id}[{split}]"
-    try:
-        dataset = load_dataset(repo_id, split=split)
-    except Exception as error:  # network, auth, unknown split: all end the load the same way
-        raise DatasetError(f"{name}: could not load from the hub ({error})", where=name) from error
-    for index, row in enumerate(dataset):
-        bad = None if isinstance(row, dict) else _RowError(f"expected a mapping, got {_json_type(row)}")
-        yield f"{name}:row {index}", bad or row
-
-
-# ---- row layouts: each parser turns a dict into a record or raises _RowError ---------------
+# ---- row layouts: each parser turns a dict into a record or raises RowError ---------------
 
 def _key(row: dict, names: Sequence[str]) -> str:
     """The first of `names` present in `row` (names[0] if none, so 'missing' names the canonical key)."""
@@ -253,19 +104,19 @@ def _key(row: dict, names: Sequence[str]) -> str:
 
 
 def _text(row: dict, name: str) -> str:
-    """row[name] if it is a non-blank string, else a _RowError naming the field."""
+    """row[name] if it is a non-blank string, else a RowError naming the field."""
     if name not in row:
-        raise _RowError(f"missing (row has keys {sorted(row)})", name)
+        raise RowError(f"missing (row has keys {sorted(row)})", name)
     return _check_text(row[name], name)
 
 
 def _check_text(value: Any, name: str) -> str:
-    """`value` if it is a non-blank string, else a _RowError saying what it was."""
+    """`value` if it is a non-blank string, else a RowError saying what it was."""
     if not isinstance(value, str):
-        raise _RowError(f"expected a non-empty string, got {_json_type(value)}", name)
+        raise RowError(f"expected a non-empty string, got {json_type(value)}", name)
     if not value.strip():
         got = "an empty string" if not value else "a whitespace-only string"
-        raise _RowError(f"expected a non-empty string, got {got}", name)
+        raise RowError(f"expected a non-empty string, got {got}", name)
     return value
 
 
@@ -275,7 +126,7 @@ def _parse_pairs(row: dict) -> PreferencePair:
     chosen_key, rejected_key = _key(row, CHOSEN_KEYS), _key(row, REJECTED_KEYS)
     chosen, rejected = _text(row, chosen_key), _text(row, rejected_key)
     if chosen == rejected:
-        raise _RowError(f"identical to {chosen_key!r} (a comparison needs two different responses)",
+        raise RowError(f"identical to {chosen_key!r} (a comparison needs two different responses)",
                         rejected_key)
     return PreferencePair(prompt, chosen, rejected)
 
@@ -303,15 +154,15 @@ def _parse_hh(row: dict) -> PreferencePair:
         try:
             halves[name] = split_hh_dialogue(_text(row, name))
         except ValueError as error:
-            raise _RowError(str(error), name) from None
+            raise RowError(str(error), name) from None
     (prompt, chosen), (other_prompt, rejected) = halves["chosen"], halves["rejected"]
     if prompt != other_prompt:
         at = next((i for i, (a, b) in enumerate(zip(prompt, other_prompt)) if a != b),
                   min(len(prompt), len(other_prompt)))
-        raise _RowError(f"its dialogue before the last {HH_ASSISTANT!r} differs from the chosen "
+        raise RowError(f"its dialogue before the last {HH_ASSISTANT!r} differs from the chosen "
                         f"one at character {at}", "rejected")
     if chosen == rejected:
-        raise _RowError("identical to 'chosen' (a comparison needs two different responses)",
+        raise RowError("identical to 'chosen' (a comparison needs two different responses)",
                         "rejected")
     return PreferencePair(prompt, chosen, rejected)
 
@@ -331,17 +182,17 @@ def _parse_ranked(row: dict) -> RankedPrompt:
 def _text_list(row: dict, name: str) -> list[str]:
     """row[name] as a list of >= 2 distinct non-blank strings."""
     if name not in row:
-        raise _RowError(f"missing (row has keys {sorted(row)})", name)
+        raise RowError(f"missing (row has keys {sorted(row)})", name)
     values = row[name]
     if not isinstance(values, list):
-        raise _RowError(f"expected a list of at least 2 strings, got {_json_type(values)}", name)
+        raise RowError(f"expected a list of at least 2 strings, got {json_type(values)}", name)
     if len(values) < 2:
-        raise _RowError(f"expected at least 2 responses, got {len(values)}", name)
+        raise RowError(f"expected at least 2 responses, got {len(values)}", name)
     texts = [_check_text(value, f"{name}[{i}]") for i, value in enumerate(values)]
     first = {}
     for i, text in enumerate(texts):
         if text in first:
-            raise _RowError(f"{name}[{first[text]}] and {name}[{i}] are identical", name)
+            raise RowError(f"{name}[{first[text]}] and {name}[{i}] are identical", name)
         first[text] = i
     return texts
 
@@ -349,19 +200,19 @@ def _text_list(row: dict, name: str) -> list[str]:
 def _ranking(row: dict, k: int) -> list[int]:
     """row["ranking"] as a permutation of 0..k-1 (no ties)."""
     if "ranking" not in row:
-        raise _RowError(f"missing (row has keys {sorted(row)})", "ranking")
+        raise RowError(f"missing (row has keys {sorted(row)})", "ranking")
     ranks = row["ranking"]
     if not isinstance(ranks, list) or not all(type(r) is int for r in ranks):
-        got = _json_type(ranks) if not isinstance(ranks, list) else f"{ranks!r}"
-        raise _RowError(f"expected a list of integer ranks (0 = best), got {got}", "ranking")
+        got = json_type(ranks) if not isinstance(ranks, list) else f"{ranks!r}"
+        raise RowError(f"expected a list of integer ranks (0 = best), got {got}", "ranking")
     if len(ranks) != k:
-        raise _RowError(f"has {len(ranks)} ranks for {k} responses", "ranking")
+        raise RowError(f"has {len(ranks)} ranks for {k} responses", "ranking")
     tied = sorted({r for r in ranks if ranks.count(r) > 1})
     if tied:
-        raise _RowError(f"rank {tied[0]} is given twice; ties are not allowed", "ranking")
+        raise RowError(f"rank {tied[0]} is given twice; ties are not allowed", "ranking")
     if sorted(ranks) != list(range(k)):
         hint = " (1-based? use 0 for the best)" if sorted(ranks) == list(range(1, k + 1)) else ""
-        raise _RowError(f"ranks must be 0..{k - 1} with 0 = best, got {ranks}{hint}", "ranking")
+        raise RowError(f"ranks must be 0..{k - 1} with 0 = best, got {ranks}{hint}", "ranking")
     return ranks
 
 
@@ -413,7 +264,7 @@ def _load(source: str | pathlib.Path, layout: str | None, split: str, skip_bad_r
     """Read `source`, parse each row with one layout, convert the records; see load_pairs."""
     if layout is not None and layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    name, rows = _open_source(source, split)
+    name, rows = open_source(source, split)
     if layout is not None:
         _check_allowed(name, layout, allowed)
     report = LoadReport(source=name)
@@ -421,12 +272,12 @@ def _load(source: str | pathlib.Path, layout: str | None, split: str, skip_bad_r
     for where, row in rows:
         report.total += 1
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
             if layout is None:
                 layout = _detect_row_layout(row, allowed)
             records.append(convert(_PARSERS[layout](row)))
-        except _RowError as error:
+        except RowError as error:
             _skip_or_raise(error.to_dataset_error(where), report, skip_bad_rows)
     report.loaded, report.layout = len(records), layout or ""
     if not records:
@@ -441,10 +292,10 @@ def _detect_row_layout(row: dict, allowed: tuple[str, ...]) -> str:
     try:
         layout = detect_layout(row.keys())
     except DatasetError as error:
-        raise _RowError(str(error)) from None
+        raise RowError(str(error)) from None
     if layout not in allowed:
         expected = "; ".join(f"{name}: {_COLUMNS[name]}" for name in allowed)
-        raise _RowError(f"columns {sorted(row)} fit layout {layout!r}, which cannot be used here; "
+        raise RowError(f"columns {sorted(row)} fit layout {layout!r}, which cannot be used here; "
                         f"expected {expected}")
     return layout
 
@@ -499,7 +350,7 @@ def load_prompts(source: str | pathlib.Path, *, layout: str | None = None, split
 
     Rows are fully validated by their layout; prompts are kept in file order, duplicates included.
     """
-    return _load(source, layout, split, skip_bad_rows, LAYOUTS, _prompt_of)
+    return _load(source, layout, split, skip_bad_rows, LAYOUTS, prompt_of)
 
 
 def to_pairs(records: Sequence[PreferencePair | RankedPrompt]) -> list[PreferencePair]:
@@ -512,62 +363,3 @@ def to_pairs(records: Sequence[PreferencePair | RankedPrompt]) -> list[Preferenc
         else:
             out.append(record)
     return out
-
-
-# ---- deterministic splits -----------------------------------------------------------------
-
-def _prompt_of(record: Record) -> str:
-    """The prompt a record belongs to (a str record is a prompt)."""
-    return record if isinstance(record, str) else record.prompt
-
-
-def _unit_hash(prompt: str, salt: str, seed: int) -> float:
-    """A stable pseudo-uniform number in [0, 1) for a prompt (the same in every process)."""
-    digest = hashlib.blake2b(f"{salt}\0{seed}\0{prompt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-def train_eval_split(records: Sequence[R], eval_fraction: float, seed: int = 0
-                     ) -> tuple[list[R], list[R]]:
-    """(train, eval): a record is in eval when the hash of (seed, its prompt) falls below eval_fraction.
-
-    All records of one prompt land on the same side, membership does not depend
-    on order or on the other rows, and each side keeps the input order. The
-    eval share is eval_fraction of the prompts in expectation, not exactly.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    train, evaluation = [], []
-    for record in records:
-        side = evaluation if _unit_hash(_prompt_of(record), "eval", seed) < eval_fraction else train
-        side.append(record)
-    return train, evaluation
-
-
-def parse_fractions(fractions: str | Sequence[float]) -> tuple[float, float, float]:
-    """Three phase weights ("2,4,4" or (0.2, 0.4, 0.4)) normalised to sum to 1."""
-    parts = fractions.split(",") if isinstance(fractions, str) else list(fractions)
-    try:
-        weights = [float(part) for part in parts]
-    except (TypeError, ValueError):
-        raise ValueError(f"phase fractions must be numbers, got {fractions!r}") from None
-    if len(weights) != 3 or min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"phase fractions must be three non-negative numbers (sft, rm, ppo) "
-                         f"with a positive sum, like '2,4,4'; got {fractions!r}")
-    total = sum(weights)
-    return weights[0] / total, weights[1] / total, weights[2] / total
-
-
-def phase_split(records: Sequence[R], fractions: str | Sequence[float] = (0.2, 0.4, 0.4),
-                seed: int = 0) -> tuple[list[R], list[R], list[R]]:
-    """(sft, rm, ppo) disjoint by prompt, like DeepSpeed-Chat's data_split="2,4,4".
-
-    Membership is decided by a hash of (seed, prompt), independent of the one
-    train_eval_split uses, so each phase can be split again for eval.
-    """
-    sft_share, rm_share, _ = parse_fractions(fractions)
-    phases: tuple[list[R], list[R], list[R]] = ([], [], [])
-    for record in records:
-        u = _unit_hash(_prompt_of(record), "phase", seed)
-        phases[0 if u < sft_share else 1 if u < sft_share + rm_share else 2].append(record)
-    return phases

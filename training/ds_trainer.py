@@ -7,8 +7,9 @@ tokens for SFT, comparison pairs for the RM), so the micro-batch gradients add
 up exactly to the batch's gradient, as in services/engine.py.
 
 Optimizer: AdamW, betas (0.9, 0.95); schedule: linear warmup, then cosine to
-10 % of the peak learning rate (`training.sft.adamw_with_cosine`, the same as
-the demo's SFT). Checkpoints and `--resume`: training/checkpoints.py.
+10 % of the peak learning rate (`adamw_with_cosine`). `rlhf sft`, `rlhf
+train-rm` and the demo all train through this loop. Checkpoints and
+`--resume`: training/checkpoints.py.
 """
 
 import math
@@ -20,8 +21,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from training.checkpoints import (ResumeError, TrainerState, latest_checkpoint, restore_checkpoint,
-                                  save_checkpoint)
+from services.config import TrainingConfig
+from services.engine import deepspeed_config, init_distributed
+from training.checkpoints import (
+    ResumeError,
+    TrainerState,
+    latest_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 
 
 class TrainerConfig(BaseModel):
@@ -89,14 +97,26 @@ def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[
     return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
 
 
+def adamw_with_cosine(model: torch.nn.Module, lr: float, total_steps: int, warmup_ratio: float = 0.05,
+                      min_lr_ratio: float = 0.1, weight_decay: float = 0.0
+                      ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (betas 0.9, 0.95) and a schedule: linear warmup, cosine to min_lr_ratio * lr."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    warmup = max(1, int(warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainerConfig, steps: int):
     """deepspeed.initialize with AdamW (0.9, 0.95) and the warmup + cosine schedule."""
-    from services.config import TrainingConfig
-    from services.engine import _init_distributed, deepspeed_config
-    from training.sft import adamw_with_cosine
-
     device = resolve_device(cfg.device)
-    _init_distributed(device)
+    init_distributed(device)
     import deepspeed
 
     optimizer, scheduler = adamw_with_cosine(model, cfg.lr, steps, cfg.warmup_ratio, cfg.min_lr_ratio,

@@ -9,7 +9,7 @@ overfitting that InstructGPT saw when the pairs of one prompt were shuffled
 across batches as independent examples. A plain (prompt, chosen, rejected)
 pair is K = 2.
 
-Texts are encoded by `training.formatting.encode_for_reward` (prompt +
+Texts are encoded by `services.formatting.encode_for_reward` (prompt +
 response + eos), exactly as the reward service scores them; the model's own
 head reads the score (decoders: at the last non-pad token, the eos).
 """
@@ -20,11 +20,12 @@ from typing import Sequence
 
 import torch
 
-from controller.ppo import pairwise_ranking_loss
-from training.checkpoints import load_reward_backbone, load_tokenizer, position_limit, save_model
+from services.formatting import encode_for_reward, pad_right
+from services.models import position_limit, sequence_classifier
+from services.objectives import pairwise_ranking_loss
+from training.checkpoints import load_tokenizer, save_model
 from training.datasets import RankedPrompt
 from training.ds_trainer import TrainerConfig, train
-from training.formatting import encode_for_reward, pad_right
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,15 @@ def run_train_rm(model_path: str | Path, records: Sequence, out_dir: str | Path,
     """Train a reward model from the model at model_path on ranked/paired records; save to out_dir.
 
     cfg.batch_size counts prompts per optimizer step. Saves with save_pretrained
-    (plus config.reward_mean / reward_std, as training.reward_model does), so
+    (plus config.reward_mean / reward_std, the score's mean and std over training responses), so
     `AutoModelForSequenceClassification.from_pretrained(out_dir)` and the
     reward service load it. Returns the trainer's summary (pairs/s, eval accuracy...).
     """
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    model = load_reward_backbone(model_path, tokenizer)
-    max_length = position_limit(model.config, max_length)
+    model = sequence_classifier(str(model_path), torch.float32, tokenizer, new_head=True)
+    model.config.use_cache = False  # scoring never decodes; no KV cache to build in training
+    max_length = position_limit(model.config, max_length, default=max_length)
     groups = encode_groups(tokenizer, records, max_length)
     objective = RankingObjective(tokenizer.pad_token_id, margin, encode_groups(tokenizer, eval_records, max_length),
                                  cfg.micro_batch_size)

@@ -1,6 +1,6 @@
 """`rlhf sft`: step 1 on the DeepSpeed loop of training/ds_trainer.py.
 
-Examples are encoded by `training.sft.encode_sft_example` (prompt tokens
+Examples are encoded by `services.formatting.encode_sft_example` (prompt tokens
 labelled -100, response + eos kept), so the loss is the next-token
 cross-entropy on response tokens only, averaged over the response tokens of
 the whole batch (not per micro-batch, not per example).
@@ -13,9 +13,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from training.checkpoints import load_causal_lm, load_tokenizer, position_limit, save_model
+from services.formatting import IGNORE_INDEX, collate_sft, encode_sft_example
+from services.models import causal_lm, position_limit
+from training.checkpoints import load_tokenizer, save_model
 from training.ds_trainer import TrainerConfig, train
-from training.sft import IGNORE_INDEX, collate_sft, encode_sft_example
 
 Encoded = tuple[list[int], list[int]]  # (input_ids, labels) of one demonstration
 
@@ -81,8 +82,8 @@ def run_sft(model_path: str | Path, examples: Sequence[tuple[str, str]], out_dir
     """
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer)
-    max_length = position_limit(model.config, max_length)
+    model = causal_lm(str(model_path), torch.float32, tokenizer)
+    max_length = position_limit(model.config, max_length, default=max_length)
     items = [encode_sft_example(tokenizer, p, r, max_length) for p, r in examples]
     evaluation = [encode_sft_example(tokenizer, p, r, max_length) for p, r in eval_examples]
     objective = SFTObjective(tokenizer.pad_token_id, evaluation, cfg.micro_batch_size)

@@ -1,4 +1,7 @@
-"""The synthetic instruction task of `rlhf demo` and its hidden gold preference.
+"""A synthetic instruction task and its hidden gold preference: the data of `rlhf demo`.
+
+Nothing is downloaded: the demo, the benchmarks and the tests draw their
+prompts, demonstrations and labelled comparisons from here.
 
 Prompts ask for one sentence about a topic for an audience, e.g.
 ``"Describe the ocean for a child :\\n"``. A response is a short sentence of

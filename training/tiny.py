@@ -2,7 +2,7 @@
 
 The tokenizer is byte-level BPE, so any text encodes (no unknown tokens) and
 decoding round-trips exactly; with the default vocabulary every word of the
-demo task is one token. Special tokens are distinct: `<pad>` pads,
+synthetic task (training/synthetic.py) is one token. Special tokens are distinct: `<pad>` pads,
 `<|endoftext|>` ends a response (and is the BOS, as in GPT-2), `<unk>` exists
 for tools that expect one.
 """

@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side figures of the mesh against in-process peers (`rlhf bench ...`)."""

@@ -1,0 +1,61 @@
+"""`rlhf bench ...`: side-by-side benchmarks (not tests). The work is in bench/."""
+
+import typer
+
+from cli.output import fail, setup_logging
+
+
+def generate(
+    model: str = typer.Option(None, help="Causal LM directory or hub id (default: a tiny local model)"),
+    batch_size: int = typer.Option(32, help="Prompts per call"),
+    max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt"),
+    repeats: int = typer.Option(5, help="Timed calls per side"),
+    temperature: float = typer.Option(1.0, help="Sampling temperature"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """tokens/s of Policy.Generate over gRPC vs in-process model.generate, side by side."""
+    from bench.generate import bench_generate as run
+
+    setup_logging()
+    run(model, batch_size, max_new_tokens, repeats, temperature, as_json)
+
+
+def train_rm(
+    model: str = typer.Option(None, help="Causal LM or classifier directory / hub id (default: a local 4x256 GPT-2)"),
+    batch_size: int = typer.Option(16, help="Pairs per optimizer step, both sides"),
+    max_length: int = typer.Option(128, help="Max tokens per prompt+response, both sides"),
+    steps: int = typer.Option(30, help="Optimizer steps per timed run"),
+    repeats: int = typer.Option(3, help="Timed runs per side, alternating"),
+    lr: float = typer.Option(1e-4, help="Peak learning rate, both sides"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, help="torch threads (default: torch's choice)"),
+    bf16: bool = typer.Option(False, "--bf16", help="Both sides in bf16 (ours: DeepSpeed bf16, TRL: its default autocast)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """pairs/s of reward-model training: our train-rm path vs TRL's RewardTrainer, side by side."""
+    from bench.train_rm import RMBenchSettings
+    from bench.train_rm import bench_train_rm as run
+
+    setup_logging()
+    settings = RMBenchSettings(model, batch_size, max_length, steps, repeats, lr, device, threads, bf16)
+    try:
+        run(settings, as_json)
+    except RuntimeError as error:
+        fail(str(error), 1)
+
+
+def metrics(
+    model: str = typer.Option(None, help="Reward model directory or hub id (default: the demo's tiny GPT-2 + score head)"),
+    processes: int = typer.Option(6, help="Fresh (on, off) pairs of service processes, measured one after another"),
+    rounds: int = typer.Option(30, help="Timed rounds per side and process pair, alternating"),
+    requests: int = typer.Option(50, help="Score requests per round"),
+    pairs: int = typer.Option(4, help="(prompt, response) pairs per request"),
+    concurrency: int = typer.Option(8, help="Requests in flight"),
+    scrape_interval: float = typer.Option(1.0, help="Seconds between scrapes of the instrumented service; 0: none"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Reward.Score throughput with metrics on vs off (metrics_port -1), side by side in alternate rounds."""
+    from bench.metrics import bench_metrics as run
+
+    setup_logging()
+    run(model, processes, rounds, requests, pairs, concurrency, scrape_interval, as_json)

@@ -1,0 +1,59 @@
+"""`rlhf controller` and `rlhf demo`: drive a run over running services, or the embedded default."""
+
+import asyncio
+import logging
+
+import typer
+
+from cli.output import fail, setup_logging
+
+
+def controller(
+    config: str = typer.Option(..., "--config", "-c", help="Controller YAML"),
+    steps: int = typer.Option(None, help="Override the algorithm's total_steps"),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed data rows instead of stopping"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Drive PPO across running policy, reference, reward and value services."""
+    from controller.clients import TokenizerMismatch
+    from controller.config import load_controller_config
+    from controller.service import run_controller
+    from services.config import ConfigError
+
+    setup_logging(verbose)
+    try:
+        cfg = load_controller_config(config)
+    except ConfigError as error:
+        fail(str(error))
+    if steps is not None:
+        cfg.ppo.total_steps = cfg.dpo.total_steps = steps
+    cfg.data.skip_bad_rows = cfg.data.skip_bad_rows or skip_bad_rows
+
+    keys = ("reward/mean", "objective/kl", "policy/loss", "value/loss", "dpo/loss", "dpo/reward_accuracy",
+            "eval/rm_accuracy")
+
+    def report(result):
+        shown = " ".join(f"{k} {result.stats[k]:.4f}" for k in keys if k in result.stats)
+        logging.getLogger("controller").info("step %d/%d %s", result.step + 1, cfg.total_steps(), shown)
+
+    try:
+        asyncio.run(run_controller(cfg, report))
+    except (TokenizerMismatch, TimeoutError, ValueError, OSError) as error:
+        fail(str(error))
+
+
+def demo(
+    out: str = typer.Option("runs/demo", help="Output directory"),
+    steps: int = typer.Option(None, help="PPO iterations (default: the demo's setting)"),
+    seed: int = typer.Option(0, help="Seed for data, models and sampling"),
+    metrics: bool = typer.Option(False, "--metrics",
+                                 help="Serve /metrics on ports 9400-9404 and keep them up after the run until Ctrl-C"),
+):
+    """The embedded default: SFT, reward model and PPO on a tiny model, four services on loopback."""
+    from demo.run import run_demo
+
+    setup_logging()
+    try:
+        run_demo(out, steps=steps, seed=seed, metrics=metrics)
+    except (RuntimeError, OSError) as error:
+        fail(str(error), 1)

@@ -1,0 +1,196 @@
+"""The servicer base classes: loading, readiness, the model thread, Info, Train steps, checkpoints.
+
+All model work of a service runs on one "model thread" so that inference and
+optimizer steps never interleave and the event loop stays free to answer
+health checks. Serving them (server, health, reflection, drain) is
+services/serving.py.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from rlhf.v1 import common_pb2
+from services import codec
+from services.batch import Sequences, chunks
+from services.batcher import Batcher
+from services.checkpoint import save_checkpoint
+from services.config import ServiceConfig
+from services.engine import TrainEngine
+from services.errors import GroupRejected, InvalidArgument, NotReady, WrongRank
+from services.idempotency import AppliedSteps, key_from_pb
+from services.metrics import NoMetrics, ServiceMetrics
+from services.models import LOADERS, LoadedModel
+from services.validation import check_temperature
+
+
+class ModelServicer:
+    """Base of the four model servicers: loading, readiness, the model thread, Info."""
+
+    role = ""
+    service_name = ""  # full proto service name, e.g. rlhf.v1.PolicyService
+
+    def __init__(self, cfg: ServiceConfig):
+        self.cfg = cfg
+        self.loaded: LoadedModel | None = None
+        self.draining = False
+        self.metrics: ServiceMetrics | NoMetrics | None = None  # set by build_server
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
+
+    def load(self) -> None:
+        """Load weights (runs on the model thread); subclasses add engines in after_load."""
+        if self.cfg.server.num_threads:
+            torch.set_num_threads(self.cfg.server.num_threads)
+        torch.manual_seed(self.cfg.server.seed)
+        loaded = LOADERS[self.role](self.cfg.model)
+        # every decoder of token rows enforces the configured rows-per-request bound
+        loaded.limits = dataclasses.replace(loaded.limits, max_batch=self.cfg.batching.max_request_rows)
+        self.after_load(loaded)
+        self.loaded = loaded
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        """Hook for role-specific set-up once the model is in memory."""
+
+    def on_drain(self) -> None:
+        """Hook called when SIGTERM starts the drain."""
+
+    def require(self) -> LoadedModel:
+        """The loaded model, or UNAVAILABLE while loading or draining."""
+        if self.loaded is None:
+            raise NotReady(f"{self.role} service is still loading its weights")
+        if self.draining:
+            raise NotReady(f"{self.role} service is shutting down")
+        return self.loaded
+
+    async def on_model_thread(self, fn, *args):
+        """Run fn(*args) on the model thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def model_version(self) -> int:
+        """Applied optimizer steps; frozen models stay at 0."""
+        return 0
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        """Info RPC payload."""
+        m = self.require()
+        rank, size = self.data_parallel()
+        return common_pb2.ModelInfo(
+            role=self.role,
+            model_name=self.cfg.model.path,
+            tokenizer_fingerprint=m.fingerprint,
+            vocab_size=m.limits.vocab_size,
+            max_sequence_length=m.limits.max_length,
+            device=str(m.device),
+            dtype=self.cfg.model.dtype,
+            model_version=self.model_version(),
+            eos_token_id=m.eos_id,
+            pad_token_id=m.pad_id,
+            num_parameters=sum(p.numel() for p in m.model.parameters()),
+            data_parallel_rank=rank,
+            data_parallel_size=size,
+        )
+
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this process in its data-parallel group; (0, 1) when alone."""
+        return 0, 1
+
+    async def Info(self, request, context):
+        return self.model_info()
+
+    def per_sequence(self, fn, model, items: list[tuple[torch.Tensor, int]], *args) -> list:
+        """fn(model, Sequences, pad_id, device, *args) over max_batch_size chunks of (row, prompt length) items.
+
+        Runs without gradients on the model thread (batchers call it); returns one result per item.
+        """
+        m = self.loaded
+        batch = Sequences([row for row, _ in items], [p for _, p in items])
+        out = []
+        with torch.no_grad():
+            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
+                out.extend(fn(model, batch.select(idx), m.pad_id, m.device, *args))
+        return out
+
+    async def answer_logprobs(self, request, batcher, version: int) -> common_pb2.LogProbsResponse:
+        """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""
+        m = self.require()
+        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
+        temperature = check_temperature(request.temperature, "temperature")
+        tokens = sum(int(r.numel()) for r in seqs.rows)
+        rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
+        return common_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+
+    async def close(self) -> None:
+        """Stop the batching tasks (after the server has drained)."""
+        for value in vars(self).values():
+            if isinstance(value, Batcher):
+                await value.close()
+
+
+class FrozenServicer(ModelServicer):
+    """A servicer whose weights never change (reference, reward): one batcher over `run_batch`."""
+
+    def __init__(self, cfg: ServiceConfig):
+        super().__init__(cfg)
+        self.batcher = Batcher(self.run_batch, cfg.batching, self.executor)
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        loaded.model.requires_grad_(False)
+
+    def run_batch(self, key, items: list):
+        """The model call of one batch of requests' items (on the model thread)."""
+        raise NotImplementedError
+
+
+class TrainableServicer(ModelServicer):
+    """A servicer with a DeepSpeed TrainEngine (policy, value): Train steps, versions, checkpoints."""
+
+    def __init__(self, cfg: ServiceConfig):
+        super().__init__(cfg)
+        self.trainer: TrainEngine | None = None
+        self.applied = AppliedSteps(cfg.training.idempotency_cache)
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
+
+    def model_version(self) -> int:
+        return self.trainer.version if self.trainer else 0
+
+    def data_parallel(self) -> tuple[int, int]:
+        return (self.trainer.rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def on_drain(self) -> None:
+        if self.trainer is not None:
+            self.trainer.closing.set()
+
+    async def train_step(self, request, decode, work):
+        """Decode a Train request, then apply `work(*decoded)` once per idempotency key on the model thread.
+
+        decode(request, loaded) -> tuple of arguments; it raises InvalidArgument.
+        In a data-parallel group a rank whose shard fails to decode still joins
+        the step's first collective, so the other ranks fail the step too
+        (ABORTED) instead of waiting for it.
+        """
+        m = self.require()
+        try:
+            key = key_from_pb(request.key)
+            decoded = decode(request, m)
+        except InvalidArgument:
+            if self.trainer is not None and self.trainer.world_size > 1:
+                with contextlib.suppress(GroupRejected):
+                    await self.on_model_thread(self.trainer.agree, [], False)
+            raise
+        result, replayed = await self.applied.run(key, lambda: self.on_model_thread(work, *decoded))
+        response = type(result)()
+        response.CopyFrom(result)
+        response.replayed = replayed
+        return response
+
+    async def SaveCheckpoint(self, request, context):
+        m = self.require()
+        if self.trainer.rank != 0:  # every rank holds the same weights; rank 0 writes them
+            raise WrongRank(f"SaveCheckpoint goes to rank 0 of the {self.role} data-parallel group, "
+                            f"this is rank {self.trainer.rank}")
+        return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)

@@ -56,7 +56,12 @@ class TrainingConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     micro_batch_size: int = Field(8, ge=1, description="Default sequences per forward/backward pass")
-    idempotency_cache: int = Field(4096, ge=1, description="Applied Train keys remembered for replay")
+    idempotency_cache: int = Field(
+        4096, ge=1, description="Applied Train results kept for replay; an older key of the same run is refused, "
+        "never applied again")
+    restore_from: str | None = Field(
+        None, description="At start, load the newest complete training state under this directory (relative to "
+        "server.checkpoint_dir; the controller writes runs/<run_id>/step-N), e.g. runs/my-run")
     collective_timeout_seconds: float = Field(
         600.0, gt=0,
         description="How long a rank of a data-parallel group waits for the others in one Train step "

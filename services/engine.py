@@ -173,6 +173,21 @@ class TrainEngine:
         """The model itself, for inference."""
         return self.engine.module
 
+    def optimizer_state(self) -> dict:
+        """This rank's optimizer state (a torch optimizer's, or DeepSpeed's ZeRO / bf16 optimizer's)."""
+        return self.engine.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load what `optimizer_state` returned; the weights must already be in the module."""
+        optimizer = self.engine.optimizer
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.load_state_dict(state)
+            return
+        # DeepSpeed's optimizers take a list indexed by data-parallel rank. Alone, the fp32 master
+        # weights come from the saved state; in a group they are rebuilt from the loaded weights.
+        optimizer.load_state_dict([state] * self.world_size, load_optimizer_states=True,
+                                  load_from_fp32_weights=self.world_size == 1)
+
     def _grad_norm(self) -> float | None:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None

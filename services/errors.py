@@ -31,8 +31,14 @@ class WrongRank(RuntimeError):
     """The call belongs on another rank of the data-parallel group (FAILED_PRECONDITION)."""
 
 
+class Refused(RuntimeError):
+    """The request is well formed but the service's state forbids it (FAILED_PRECONDITION): a Train key
+    already applied whose result is no longer kept, or a checkpoint that is incomplete or of another kind."""
+
+
 _STATUS = (
     (WrongRank, grpc.StatusCode.FAILED_PRECONDITION),
+    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (GroupRejected, grpc.StatusCode.ABORTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),

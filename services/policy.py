@@ -8,7 +8,7 @@ import torch
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec, objectives
 from services.batch import Sequences, check_token_rows, chunks, tokens_from_pb
-from services.batcher import Batcher
+from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import IGNORE_INDEX, encode_sft_example
 from services.inference import Sampling, generate, response_logits, response_logprobs
@@ -106,6 +106,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
     """Holds the actor; Generate and LogProbs are batched, Train is one step per request."""
 
     role = "policy"
+    train_response = policy_pb2.PolicyTrainResponse
     service_name = policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
     def __init__(self, cfg):
@@ -135,7 +136,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         for idx in chunks(len(items), self.cfg.batching.max_batch_size):
             rows = [items[i][0] for i in idx]
             responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device,
-                                                     [items[i][1] for i in idx])
+                                                     [items[i][1] for i in idx], self.generate_batcher.batch_alive)
             out.extend(zip(responses, logprobs, finished, [version] * len(rows)))
         return out
 
@@ -147,7 +148,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)
         first = request.first_row_index
         items = [(p, first + i) for i, p in enumerate(prompts)]
-        results = await self.generate_batcher.submit(sampling.key(), items, tokens)
+        results = await self.generate_batcher.submit(sampling.key(), items, tokens, call_alive(context))
         responses = [r[0] for r in results]
         return policy_pb2.GenerateResponse(
             prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
@@ -156,6 +157,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             response_texts=m.tokenizer.batch_decode(responses, skip_special_tokens=True),
             policy_version=min(r[3] for r in results),
             finished=[r[2] for r in results],
+            instance_id=self.instance_id,
         )
 
     # --- LogProbs -----------------------------------------------------------
@@ -163,7 +165,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         return self.per_sequence(response_logprobs, self.trainer.module, seqs, temperature)
 
     async def LogProbs(self, request, context):
-        return await self.answer_logprobs(request, self.logprob_batcher, self.model_version())
+        return await self.answer_logprobs(request, self.logprob_batcher, self.model_version(), context)
 
     # --- Train --------------------------------------------------------------
     def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict, n_tokens: float) -> list:

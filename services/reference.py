@@ -17,7 +17,7 @@ class ReferenceServicer(FrozenServicer, reference_pb2_grpc.ReferenceServiceServi
         return self.per_sequence(response_logprobs, self.loaded.model, seqs, temperature)
 
     async def LogProbs(self, request, context):
-        return await self.answer_logprobs(request, self.batcher, 0)
+        return await self.answer_logprobs(request, self.batcher, 0, context)
 
 
 add_to_server = reference_pb2_grpc.add_ReferenceServiceServicer_to_server

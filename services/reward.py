@@ -5,6 +5,7 @@ import torch
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
 from services.batch import check_token_rows, chunks, tokens_from_pb
+from services.batcher import call_alive
 from services.errors import InvalidArgument
 from services.formatting import encode_for_reward
 from services.inference import sequence_scores
@@ -47,12 +48,12 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
             return self._text_rows(request.texts, m)
         raise InvalidArgument("input", "empty batch: set tokens or texts")
 
-    async def score_rows(self, rows: list[torch.Tensor]) -> list[float]:
+    async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
         """Scores of token rows (validated against the model's limits) through the batcher."""
-        return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows))
+        return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows), call_alive(context))
 
     async def Score(self, request, context):
-        scores = await self.score_rows(self.rows_from_request(request))
+        scores = await self.score_rows(self.rows_from_request(request), context)
         return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)))
 
     def _pair_rows(self, pairs: reward_pb2.ComparePairs) -> list[torch.Tensor]:
@@ -67,9 +68,9 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         both = reward_pb2.TextPairs(prompts=prompts + prompts, responses=chosen + rejected)
         return self._text_rows(both, m)
 
-    async def compare(self, request: reward_pb2.CompareRequest) -> reward_pb2.CompareResponse:
+    async def compare(self, request: reward_pb2.CompareRequest, context) -> reward_pb2.CompareResponse:
         """Scores of both sides and P(chosen preferred) = sigmoid(chosen - rejected)."""
-        scores = torch.tensor(await self.score_rows(self._pair_rows(request.pairs)), dtype=torch.float32)
+        scores = torch.tensor(await self.score_rows(self._pair_rows(request.pairs), context), dtype=torch.float32)
         chosen, rejected = scores.chunk(2)
         return reward_pb2.CompareResponse(
             chosen_scores=codec.tensor_to_pb(chosen), rejected_scores=codec.tensor_to_pb(rejected),
@@ -77,11 +78,11 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         )
 
     async def Compare(self, request, context):
-        return await self.compare(request)
+        return await self.compare(request, context)
 
     async def CompareStream(self, request_iterator, context):
         async for request in request_iterator:
-            yield await self.compare(request)
+            yield await self.compare(request, context)
 
 
 add_to_server = reward_pb2_grpc.add_RewardServiceServicer_to_server

@@ -9,6 +9,8 @@ services/serving.py.
 import asyncio
 import contextlib
 import dataclasses
+import logging
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -16,8 +18,16 @@ import torch
 from rlhf.v1 import common_pb2
 from services import codec
 from services.batch import Sequences, chunks
-from services.batcher import Batcher
-from services.checkpoint import save_checkpoint
+from services.batcher import Batcher, call_alive
+from services.checkpoint import (
+    checkpoint_path,
+    checkpoint_root,
+    latest_state,
+    load_training_state,
+    read_state,
+    save_checkpoint,
+    save_training_state,
+)
 from services.config import ServiceConfig
 from services.engine import TrainEngine
 from services.errors import GroupRejected, InvalidArgument, NotReady, WrongRank
@@ -25,6 +35,8 @@ from services.idempotency import AppliedSteps, key_from_pb
 from services.metrics import NoMetrics, ServiceMetrics
 from services.models import LOADERS, LoadedModel
 from services.validation import check_temperature
+
+log = logging.getLogger(__name__)
 
 
 class ModelServicer:
@@ -35,6 +47,7 @@ class ModelServicer:
 
     def __init__(self, cfg: ServiceConfig):
         self.cfg = cfg
+        self.instance_id = uuid.uuid4().hex  # new on every start: clients tell a restarted process by it
         self.loaded: LoadedModel | None = None
         self.draining = False
         self.metrics: ServiceMetrics | NoMetrics | None = None  # set by build_server
@@ -91,6 +104,7 @@ class ModelServicer:
             num_parameters=sum(p.numel() for p in m.model.parameters()),
             data_parallel_rank=rank,
             data_parallel_size=size,
+            instance_id=self.instance_id,
         )
 
     def data_parallel(self) -> tuple[int, int]:
@@ -113,14 +127,15 @@ class ModelServicer:
                 out.extend(fn(model, batch.select(idx), m.pad_id, m.device, *args))
         return out
 
-    async def answer_logprobs(self, request, batcher, version: int) -> common_pb2.LogProbsResponse:
+    async def answer_logprobs(self, request, batcher, version: int, context) -> common_pb2.LogProbsResponse:
         """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""
         m = self.require()
         seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
         temperature = check_temperature(request.temperature, "temperature")
         tokens = sum(int(r.numel()) for r in seqs.rows)
-        rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
-        return common_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+        rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
+        return common_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version,
+                                           instance_id=self.instance_id)
 
     async def close(self) -> None:
         """Stop the batching tasks (after the server has drained)."""
@@ -147,6 +162,8 @@ class FrozenServicer(ModelServicer):
 class TrainableServicer(ModelServicer):
     """A servicer with a DeepSpeed TrainEngine (policy, value): Train steps, versions, checkpoints."""
 
+    train_response = None  # the Train reply's message class (applied results are stored as it)
+
     def __init__(self, cfg: ServiceConfig):
         super().__init__(cfg)
         self.trainer: TrainEngine | None = None
@@ -154,6 +171,18 @@ class TrainableServicer(ModelServicer):
 
     def after_load(self, loaded: LoadedModel) -> None:
         self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
+        if self.cfg.training.restore_from:
+            self.restore_latest(self.cfg.training.restore_from)
+
+    def restore_latest(self, runs_dir: str) -> None:
+        """At start: load the newest complete training state under checkpoint_dir/runs_dir, if there is one."""
+        root = checkpoint_path(checkpoint_root(self), runs_dir, 0)
+        found = latest_state(root, self.trainer.rank)
+        if found is None:
+            log.info("%s: no complete training state under %s; starting from the model's weights", self.role, root)
+            return
+        self.applied.restore(read_state(self, found / f"rank-{self.trainer.rank}"), self.train_response)
+        log.info("%s: continued from %s (model version %d)", self.role, found, self.trainer.version)
 
     def model_version(self) -> int:
         return self.trainer.version if self.trainer else 0
@@ -186,11 +215,18 @@ class TrainableServicer(ModelServicer):
         response = type(result)()
         response.CopyFrom(result)
         response.replayed = replayed
+        response.instance_id = self.instance_id
         return response
 
     async def SaveCheckpoint(self, request, context):
         m = self.require()
+        if request.training_state:  # every rank writes its own part
+            return await save_training_state(self, request)
         if self.trainer.rank != 0:  # every rank holds the same weights; rank 0 writes them
             raise WrongRank(f"SaveCheckpoint goes to rank 0 of the {self.role} data-parallel group, "
                             f"this is rank {self.trainer.rank}")
         return await save_checkpoint(self, request, self.trainer.module, m.tokenizer)
+
+    async def LoadCheckpoint(self, request, context):
+        self.require()
+        return await load_training_state(self, request)

@@ -15,17 +15,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.channels import GRPC_OPTIONS
 from services.errors import ErrorInterceptor
 from services.metrics import metrics_for, metrics_port
 from services.servicer import ModelServicer
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 def build_server(services: list, service_names: list[str], interceptors: list, host: str, port: int):

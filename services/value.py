@@ -7,7 +7,7 @@ import torch
 from rlhf.v1 import value_pb2, value_pb2_grpc
 from services import codec, objectives
 from services.batch import Sequences, chunks
-from services.batcher import Batcher
+from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.inference import response_values
 from services.servicer import TrainableServicer
@@ -18,6 +18,7 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     """Holds the critic; Values is batched, Train is one step per request."""
 
     role = "value"
+    train_response = value_pb2.ValueTrainResponse
     service_name = value_pb2.DESCRIPTOR.services_by_name["ValueService"].full_name
 
     def __init__(self, cfg):
@@ -32,8 +33,9 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
         seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
         version = self.model_version()
         tokens = sum(int(r.numel()) for r in seqs.rows)
-        rows = await self.batcher.submit(None, list(zip(seqs.rows, seqs.prompt_lengths)), tokens)
-        return value_pb2.ValuesResponse(values=codec.ragged_to_pb(rows, torch.float32), model_version=version)
+        rows = await self.batcher.submit(None, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
+        return value_pb2.ValuesResponse(values=codec.ragged_to_pb(rows, torch.float32), model_version=version,
+                                       instance_id=self.instance_id)
 
     def _train(self, seqs: Sequences, old_values, returns, clip, micro: int) -> value_pb2.ValueTrainResponse:
         """One optimizer step. In a data-parallel group loss and clip fraction are this shard's share."""

@@ -22,7 +22,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_name", "tokenizer_fingerprint", "vocab_size", "max_sequence_length", "device", "dtype", "model_version", "eos_token_id", "pad_token_id", "num_parameters", "data_parallel_rank", "data_parallel_size")
+    __slots__ = ("role", "model_name", "tokenizer_fingerprint", "vocab_size", "max_sequence_length", "device", "dtype", "model_version", "eos_token_id", "pad_token_id", "num_parameters", "data_parallel_rank", "data_parallel_size", "instance_id")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class ModelInfo(_message.Message):
     NUM_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     DATA_PARALLEL_RANK_FIELD_NUMBER: _ClassVar[int]
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     tokenizer_fingerprint: str
@@ -49,23 +50,46 @@ class ModelInfo(_message.Message):
     num_parameters: int
     data_parallel_rank: int
     data_parallel_size: int
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
+    __slots__ = ("path", "training_state", "keep")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    training_state: bool
+    keep: int
+    def __init__(self, path: _Optional[str] = ..., training_state: _Optional[bool] = ..., keep: _Optional[int] = ...) -> None: ...
+
+class SaveCheckpointResponse(_message.Message):
+    __slots__ = ("path", "model_version", "files", "instance_id")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    model_version: int
+    files: _containers.RepeatedScalarFieldContainer[str]
+    instance_id: str
+    def __init__(self, path: _Optional[str] = ..., model_version: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class LoadCheckpointRequest(_message.Message):
     __slots__ = ("path",)
     PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
-class SaveCheckpointResponse(_message.Message):
-    __slots__ = ("path", "model_version", "files")
+class LoadCheckpointResponse(_message.Message):
+    __slots__ = ("path", "model_version", "instance_id")
     PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    FILES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     path: str
     model_version: int
-    files: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, path: _Optional[str] = ..., model_version: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, path: _Optional[str] = ..., model_version: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class LogProbsRequest(_message.Message):
     __slots__ = ("sequences", "temperature")
@@ -76,9 +100,11 @@ class LogProbsRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., temperature: _Optional[float] = ...) -> None: ...
 
 class LogProbsResponse(_message.Message):
-    __slots__ = ("logprobs", "model_version")
+    __slots__ = ("logprobs", "model_version", "instance_id")
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     logprobs: _tensor_pb2.RaggedTensor
     model_version: int
-    def __init__(self, logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...

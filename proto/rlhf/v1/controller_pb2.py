@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/controller.proto\x12\x07rlhf.v1\"\x11\n\x0f\x45valuateRequest\"t\n\x10\x45valuateResponse\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x13\n\x0bmean_margin\x18\x02 \x01(\x01\x12\x0b\n\x03\x65\x63\x65\x18\x03 \x01(\x01\x12\r\n\x05pairs\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x0f\n\rStatusRequest\"\xa1\x02\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x31\n\x05stats\x18\x06 \x03(\x0b\x32\".rlhf.v1.StatusResponse.StatsEntry\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\talgorithm\x18\x08 \x01(\t\x12\x32\n\x0flast_evaluation\x18\t \x01(\x0b\x32\x19.rlhf.v1.EvaluateResponse\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x8f\x01\n\x11\x43ontrollerService\x12\x39\n\x06Status\x12\x16.rlhf.v1.StatusRequest\x1a\x17.rlhf.v1.StatusResponse\x12?\n\x08\x45valuate\x12\x18.rlhf.v1.EvaluateRequest\x1a\x19.rlhf.v1.EvaluateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18rlhf/v1/controller.proto\x12\x07rlhf.v1\"\x11\n\x0f\x45valuateRequest\"t\n\x10\x45valuateResponse\x12\x10\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01\x12\x13\n\x0bmean_margin\x18\x02 \x01(\x01\x12\x0b\n\x03\x65\x63\x65\x18\x03 \x01(\x01\x12\r\n\x05pairs\x18\x04 \x01(\x03\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x0f\n\rStatusRequest\"\x9b\x03\n\x0eStatusResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12\x31\n\x05stats\x18\x06 \x03(\x0b\x32\".rlhf.v1.StatusResponse.StatsEntry\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x11\n\talgorithm\x18\x08 \x01(\t\x12\x32\n\x0flast_evaluation\x18\t \x01(\x0b\x32\x19.rlhf.v1.EvaluateResponse\x12\x13\n\x0bwaiting_for\x18\n \x01(\t\x12\x15\n\rwaiting_since\x18\x0b \x01(\x01\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x17\n\x0f\x63heckpoint_step\x18\r \x01(\x03\x12\x10\n\x08restores\x18\x0e \x01(\x03\x12\r\n\x05phase\x18\x0f \x01(\t\x1a,\n\nStatsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\x8f\x01\n\x11\x43ontrollerService\x12\x39\n\x06Status\x12\x16.rlhf.v1.StatusRequest\x1a\x17.rlhf.v1.StatusResponse\x12?\n\x08\x45valuate\x12\x18.rlhf.v1.EvaluateRequest\x1a\x19.rlhf.v1.EvaluateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATUSREQUEST']._serialized_start=174
   _globals['_STATUSREQUEST']._serialized_end=189
   _globals['_STATUSRESPONSE']._serialized_start=192
-  _globals['_STATUSRESPONSE']._serialized_end=481
-  _globals['_STATUSRESPONSE_STATSENTRY']._serialized_start=437
-  _globals['_STATUSRESPONSE_STATSENTRY']._serialized_end=481
-  _globals['_CONTROLLERSERVICE']._serialized_start=484
-  _globals['_CONTROLLERSERVICE']._serialized_end=627
+  _globals['_STATUSRESPONSE']._serialized_end=603
+  _globals['_STATUSRESPONSE_STATSENTRY']._serialized_start=559
+  _globals['_STATUSRESPONSE_STATSENTRY']._serialized_end=603
+  _globals['_CONTROLLERSERVICE']._serialized_start=606
+  _globals['_CONTROLLERSERVICE']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

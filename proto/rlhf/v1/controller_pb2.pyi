@@ -31,7 +31,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("run_id", "state", "step", "total_steps", "policy_version", "stats", "error", "algorithm", "last_evaluation")
+    __slots__ = ("run_id", "state", "step", "total_steps", "policy_version", "stats", "error", "algorithm", "last_evaluation", "waiting_for", "waiting_since", "last_error", "checkpoint_step", "restores", "phase")
     class StatsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,12 @@ class StatusResponse(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ALGORITHM_FIELD_NUMBER: _ClassVar[int]
     LAST_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    WAITING_FOR_FIELD_NUMBER: _ClassVar[int]
+    WAITING_SINCE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTORES_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     state: str
     step: int
@@ -57,4 +63,10 @@ class StatusResponse(_message.Message):
     error: str
     algorithm: str
     last_evaluation: EvaluateResponse
-    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., policy_version: _Optional[int] = ..., stats: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., algorithm: _Optional[str] = ..., last_evaluation: _Optional[_Union[EvaluateResponse, _Mapping]] = ...) -> None: ...
+    waiting_for: str
+    waiting_since: float
+    last_error: str
+    checkpoint_step: int
+    restores: int
+    phase: str
+    def __init__(self, run_id: _Optional[str] = ..., state: _Optional[str] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., policy_version: _Optional[int] = ..., stats: _Optional[_Mapping[str, float]] = ..., error: _Optional[str] = ..., algorithm: _Optional[str] = ..., last_evaluation: _Optional[_Union[EvaluateResponse, _Mapping]] = ..., waiting_for: _Optional[str] = ..., waiting_since: _Optional[float] = ..., last_error: _Optional[str] = ..., checkpoint_step: _Optional[int] = ..., restores: _Optional[int] = ..., phase: _Optional[str] = ...) -> None: ...

@@ -43,20 +43,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., prompt_texts: _Optional[_Union[_tensor_pb2.TextBatch, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_row_index: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("prompt_tokens", "response_tokens", "response_logprobs", "response_texts", "policy_version", "finished")
+    __slots__ = ("prompt_tokens", "response_tokens", "response_logprobs", "response_texts", "policy_version", "finished", "instance_id")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_TEXTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: _tensor_pb2.RaggedTensor
     response_tokens: _tensor_pb2.RaggedTensor
     response_logprobs: _tensor_pb2.RaggedTensor
     response_texts: _containers.RepeatedScalarFieldContainer[str]
     policy_version: int
     finished: _containers.RepeatedScalarFieldContainer[bool]
-    def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., policy_version: _Optional[int] = ..., finished: _Optional[_Iterable[bool]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., policy_version: _Optional[int] = ..., finished: _Optional[_Iterable[bool]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class PPOObjective(_message.Message):
     __slots__ = ("sequences", "old_logprobs", "advantages", "clip_range", "entropy_coef", "temperature")
@@ -111,7 +113,7 @@ class PolicyTrainRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class PolicyTrainResponse(_message.Message):
-    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin")
+    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +126,7 @@ class PolicyTrainResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     REWARD_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     REWARD_MARGIN_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     loss: float
     policy_loss: float
     clip_fraction: float
@@ -136,4 +139,5 @@ class PolicyTrainResponse(_message.Message):
     replayed: bool
     reward_accuracy: float
     reward_margin: float
-    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...

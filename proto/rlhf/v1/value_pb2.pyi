@@ -14,12 +14,14 @@ class ValuesRequest(_message.Message):
     def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ...) -> None: ...
 
 class ValuesResponse(_message.Message):
-    __slots__ = ("values", "model_version")
+    __slots__ = ("values", "model_version", "instance_id")
     VALUES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     values: _tensor_pb2.RaggedTensor
     model_version: int
-    def __init__(self, values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ValueTrainRequest(_message.Message):
     __slots__ = ("key", "sequences", "old_values", "returns", "clip_range_value", "micro_batch_size")
@@ -38,7 +40,7 @@ class ValueTrainRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class ValueTrainResponse(_message.Message):
-    __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance")
+    __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance", "instance_id")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +48,7 @@ class ValueTrainResponse(_message.Message):
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     EXPLAINED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     loss: float
     clip_fraction: float
     grad_norm: float
@@ -53,4 +56,5 @@ class ValueTrainResponse(_message.Message):
     tokens: int
     replayed: bool
     explained_variance: float
-    def __init__(self, loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., grad_norm: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., explained_variance: _Optional[float] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., grad_norm: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., explained_variance: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,11 @@ class ValueServiceStub:
                 request_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
+        self.LoadCheckpoint = channel.unary_unary(
+                '/rlhf.v1.ValueService/LoadCheckpoint',
+                request_serializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.ValueService/Info',
                 request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
@@ -80,6 +85,13 @@ class ValueServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadCheckpoint(self, request, context):
+        """Continue from a training state written by SaveCheckpoint(training_state).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -103,6 +115,11 @@ def add_ValueServiceServicer_to_server(servicer, server):
                     servicer.SaveCheckpoint,
                     request_deserializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'LoadCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadCheckpoint,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -191,6 +208,33 @@ class ValueService:
             '/rlhf.v1.ValueService/SaveCheckpoint',
             rlhf_dot_v1_dot_common__pb2.SaveCheckpointRequest.SerializeToString,
             rlhf_dot_v1_dot_common__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.ValueService/LoadCheckpoint',
+            rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

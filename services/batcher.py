@@ -4,6 +4,11 @@ Requests wait in a bounded queue; one task takes the head, waits up to
 max_wait_ms for company, merges requests with the same key while the batch
 stays within max_batch_size rows and max_batch_tokens tokens, and runs the
 merged batch on the model thread. A full queue is RESOURCE_EXHAUSTED.
+
+A request whose call was cancelled or whose deadline passed (`alive()` is
+False) is dropped before it runs; while a batch runs, `batch_alive()` tells
+the model call whether any of its requests still wants the result, so a long
+call (generation) can stop early.
 """
 
 import asyncio
@@ -20,12 +25,26 @@ from services.errors import Overloaded
 RunBatch = Callable[[Hashable, list[Any]], list[Any]]
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass
 class _Request:
     key: Hashable
     items: list[Any]
     tokens: int
+    alive: Callable[[], bool] = _always  # False once the caller gave up (cancelled, deadline passed)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def call_alive(context) -> Callable[[], bool]:
+    """alive() for a grpc.aio call: False once it is cancelled or its deadline has passed."""
+    def alive() -> bool:
+        remaining = context.time_remaining()
+        return not context.cancelled() and (remaining is None or remaining > 0)
+
+    return alive
 
 
 class Batcher:
@@ -38,6 +57,8 @@ class Batcher:
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=cfg.max_queue)
         self._held: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task | None = None
+        self.batch_alive: Callable[[], bool] = _always  # whether the running batch is still wanted (model thread)
+        self.dropped = 0  # requests dropped unrun because their caller had gone
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, tokens) hook for metrics
         self.on_result: Callable[[list, float], None] | None = None  # (results, seconds) hook, on the model thread
 
@@ -52,11 +73,12 @@ class Batcher:
         """Requests waiting, not counting the batch running now."""
         return self._queue.qsize() + len(self._held)
 
-    async def submit(self, key: Hashable, items: list[Any], tokens: int) -> list[Any]:
-        """Queue `items` (rows of one request) and wait for their results."""
+    async def submit(self, key: Hashable, items: list[Any], tokens: int,
+                     alive: Callable[[], bool] = _always) -> list[Any]:
+        """Queue `items` (rows of one request) and wait for their results; `alive` see the module docstring."""
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
-        request = _Request(key, items, tokens)
+        request = _Request(key, items, tokens, alive)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -80,10 +102,25 @@ class Batcher:
             group.append(nxt)
         return group
 
+    def _drop_abandoned(self, group: list[_Request]) -> list[_Request]:
+        """The requests of `group` whose callers still wait; the others are cancelled unrun."""
+        kept = []
+        for r in group:
+            if r.alive():
+                kept.append(r)
+            else:
+                self.dropped += 1
+                if not r.future.done():
+                    r.future.cancel()
+        return kept
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            group = await self._collect()
+            group = self._drop_abandoned(await self._collect())
+            if not group:
+                continue
+            self.batch_alive = lambda: any(r.alive() for r in group)
             items = [item for r in group for item in r.items]
             if self.on_batch:
                 self.on_batch(len(items), sum(r.tokens for r in group))

@@ -7,12 +7,15 @@ PPO ratio on freshly sampled data is 1 up to floating-point noise.
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -152,20 +155,33 @@ def sampling_processors(s: Sampling, row_indices: list[int], prompt_width: int) 
     return LogitsProcessorList([*processors, RowSampler(torch.stack(streams), prompt_width)])
 
 
+class Abandoned(StoppingCriteria):
+    """Stops decoding between two steps once nobody waits for the result (the calls were cancelled)."""
+
+    def __init__(self, wanted: Callable[[], bool]):
+        self.wanted = wanted
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), not self.wanted(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[torch.Tensor], s: Sampling, pad_id: int, eos_id: int, device,
-             row_indices: list[int] | None = None):
+             row_indices: list[int] | None = None, wanted: Callable[[], bool] | None = None):
     """Sample responses; returns (responses, logprobs, finished) per row.
 
     A response ends with (and includes) the first end-of-sequence token.
     Log-probs come from the raw logits of each step at the sampling temperature.
-    `row_indices` name each row's sampling stream (default 0..B-1).
+    `row_indices` name each row's sampling stream (default 0..B-1). `wanted()`
+    is asked between decoding steps; once it is False, decoding stops (the
+    result is thrown away by the caller).
     """
     ids, mask = left_pad(prompts, pad_id)
     rows = list(range(len(prompts))) if row_indices is None else row_indices
     out = model.generate(
         input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=generation_config(s, pad_id, eos_id),
         logits_processor=sampling_processors(s, rows, ids.shape[1]),
+        stopping_criteria=StoppingCriteriaList([Abandoned(wanted)] if wanted is not None else []),
     )
     new = out.sequences[:, ids.shape[1]:]  # (B, N)
     logits = torch.stack(out.logits, dim=1).float()  # (B, N, V)

@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec
+from services.channels import GRPC_OPTIONS
 from services.inference import Sampling, left_pad
 from services.launcher import LocalMesh
-from services.serving import GRPC_OPTIONS
 
 
 def bench_model(out: pathlib.Path) -> pathlib.Path:

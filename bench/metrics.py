@@ -23,8 +23,8 @@ import grpc
 import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
+from services.channels import GRPC_OPTIONS
 from services.launcher import LocalMesh
-from services.serving import GRPC_OPTIONS
 
 
 def bench_reward_model(out: pathlib.Path) -> pathlib.Path:

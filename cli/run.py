@@ -12,11 +12,18 @@ def controller(
     config: str = typer.Option(..., "--config", "-c", help="Controller YAML"),
     steps: int = typer.Option(None, help="Override the algorithm's total_steps"),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count malformed data rows instead of stopping"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from output_dir's last complete checkpoint"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Drive PPO across running policy, reference, reward and value services."""
-    from controller.clients import TokenizerMismatch
+    """Drive PPO across running policy, reference, reward and value services.
+
+    Exit status: 0 finished; 1 a service failed or stayed away past services.restart_timeout_seconds (a checkpoint
+    is left to resume from); 2 bad configuration, data or resume request; 75 stopped by SIGTERM after a checkpoint.
+    """
+    import grpc
+
     from controller.config import load_controller_config
+    from controller.durability import RunStopped
     from controller.service import run_controller
     from services.config import ConfigError
 
@@ -28,6 +35,8 @@ def controller(
     if steps is not None:
         cfg.ppo.total_steps = cfg.dpo.total_steps = steps
     cfg.data.skip_bad_rows = cfg.data.skip_bad_rows or skip_bad_rows
+    if resume:
+        cfg.checkpoint.resume = "yes"
 
     keys = ("reward/mean", "objective/kl", "policy/loss", "value/loss", "dpo/loss", "dpo/reward_accuracy",
             "eval/rm_accuracy")
@@ -37,9 +46,15 @@ def controller(
         logging.getLogger("controller").info("step %d/%d %s", result.step + 1, cfg.total_steps(), shown)
 
     try:
-        asyncio.run(run_controller(cfg, report))
-    except (TokenizerMismatch, TimeoutError, ValueError, OSError) as error:
+        asyncio.run(run_controller(cfg, report, handle_sigterm=True))
+    except RunStopped as stopped:
+        fail(str(stopped), 75)
+    except (ValueError, OSError) as error:  # ConfigError, ResumeRefused, DatasetError, a port in use
         fail(str(error))
+    except grpc.aio.AioRpcError as error:  # a service refused a request: a bug or a misconfiguration, not a fault
+        fail(f"a service answered {error.code().name}: {error.details()}", 1)
+    except (RuntimeError, TimeoutError) as error:  # ServiceUnavailable, NoReplica, GroupError, TokenizerMismatch
+        fail(str(error).splitlines()[0], 1)
 
 
 def demo(

@@ -1,11 +1,13 @@
 """Typed async clients of the four model services: replicas, failover, readiness and tokenizer checks."""
 
 import asyncio
+import functools
 import logging
 import time
 from typing import Callable
 
-from controller.replicas import Replicas, Select, split_rows
+from controller.durability import InstanceWatch
+from controller.replicas import Outage, Replicas, Select, split_rows
 from rlhf.v1 import (
     common_pb2,
     policy_pb2_grpc,
@@ -40,9 +42,14 @@ class ServiceClients:
 
     def __init__(self, endpoints: dict[str, str], timeout: float = 600.0, retries: int = 3,
                  probe_seconds: float = 2.0, wait_seconds: float = 600.0):
-        """wait_seconds: how long a call waits for a replica when none of a service's is serving."""
-        self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds, wait_seconds=wait_seconds)
+        """wait_seconds: how long a call keeps retrying an unavailable service (or waits for a replica)."""
+        self.outage = Outage()
+        self.watch = InstanceWatch()
+        self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds, wait_seconds=wait_seconds,
+                                     outage=self.outage)
                       for role, target in endpoints.items()}
+        for role, pool in self.pools.items():
+            pool.on_reply = functools.partial(self.watch.check, role)
         self._started = False
 
     @property
@@ -110,10 +117,9 @@ class ServiceClients:
         return max(len(self.pools[role].ranks), 1)
 
     async def infos(self) -> dict[str, list[common_pb2.ModelInfo]]:
-        """Info of every replica of every service."""
+        """Info of every replica of every service (of each rank, in rank order, for a data-parallel group)."""
         async def of(pool):
-            request = common_pb2.InfoRequest()
-            return list(await asyncio.gather(*(pool.one(lambda s: s.Info, request, a) for a in pool.serving())))
+            return list(await asyncio.gather(*(pool.info(a) for a in pool.ranks or pool.serving())))
 
         replies = await asyncio.gather(*(of(pool) for pool in self.pools.values()))
         return dict(zip(self.pools, replies))

@@ -21,6 +21,10 @@ class Endpoints(Strict):
     reward: str = Field(f"127.0.0.1:{DEFAULT_PORTS['reward']}", description=f"RewardService replicas: {TARGET_HELP}")
     value: str = Field(f"127.0.0.1:{DEFAULT_PORTS['value']}",
                        description=f"ValueService replicas (one data-parallel group): {TARGET_HELP}")
+    restart_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long a call keeps retrying a service that is unavailable or too slow "
+        "(capped exponential backoff with jitter) before the run fails: long enough for a pod to be rescheduled "
+        "and load its weights")
 
     @model_validator(mode="after")
     def _targets_parse(self):
@@ -88,6 +92,19 @@ class EvaluationConfig(Strict):
     chunk: int = Field(64, ge=1, description="Pairs per Compare request")
 
 
+class CheckpointConfig(Strict):
+    """Run checkpoints: the controller's state plus the policy's and value's training state at one step."""
+
+    every: int = Field(10, ge=0, description="Write one every N steps (0: only at the start, on SIGTERM and at the end)")
+    keep: int = Field(3, ge=1, description="Complete run checkpoints kept (older ones are removed)")
+    resume: Literal["no", "auto", "yes"] = Field(
+        "no", description="yes: continue from the output directory's last complete checkpoint (--resume); auto: "
+        "continue when there is one, else start; no: start, refusing a directory that holds another run")
+    max_restores: int = Field(
+        20, ge=0, description="How often a run may go back to its last checkpoint because a trained service "
+        "restarted, before it fails")
+
+
 class DataConfig(Strict):
     """Where prompts, preference pairs and PPO-ptx text come from."""
 
@@ -106,7 +123,9 @@ class ControllerServerConfig(ListenConfig):
 class ControllerConfig(Strict):
     """Everything the controller reads."""
 
-    run_id: str | None = Field(None, description="Names the run in idempotency keys; default: a fresh id")
+    run_id: str | None = Field(
+        None, description="Names the run in Train keys and checkpoints; default: the id in output_dir/run.json, "
+        "or a fresh one for a new run")
     algorithm: Literal["ppo", "dpo"] = Field("ppo", description="ppo (four services) or dpo (policy + reference)")
     services: Endpoints = Endpoints()
     ppo: PPOConfig = PPOConfig()
@@ -114,13 +133,15 @@ class ControllerConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     data: DataConfig
     server: ControllerServerConfig = ControllerServerConfig()
-    output_dir: str = Field("runs/ppo", description="Where stats.jsonl goes")
+    output_dir: str = Field("runs/ppo", description="Where stats.jsonl, run.json and checkpoints/ go")
+    checkpoint: CheckpointConfig = CheckpointConfig()
     save_checkpoint: str | None = Field("final", description="Policy/value SaveCheckpoint path at the end; null skips")
-    rpc_timeout_seconds: float = Field(600.0, gt=0, description="Deadline of each RPC")
-    rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with UNAVAILABLE or RESOURCE_EXHAUSTED")
+    rpc_timeout_seconds: float = Field(
+        600.0, gt=0, description="Deadline of each RPC; the service stops work whose deadline passed")
+    rpc_retries: int = Field(3, ge=0, description="Retries of an RPC that failed with RESOURCE_EXHAUSTED (overloaded); "
+                             "UNAVAILABLE and DEADLINE_EXCEEDED are retried for services.restart_timeout_seconds")
     ready_timeout_seconds: float = Field(
-        600.0, gt=0, description="How long to wait for the services to report SERVING, at start and whenever "
-        "every replica of a service is out")
+        600.0, gt=0, description="How long to wait at start for the services to report SERVING")
     probe_seconds: float = Field(2.0, gt=0, description="Health-check period of each replica (taken out / back in)")
     seed: int = Field(0, description="Seed for prompt order and minibatch shuffling")
 

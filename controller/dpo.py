@@ -5,13 +5,12 @@ preference pairs, gets the reference log-probs of both responses, and sends
 one DPO minibatch (one optimizer step) to the policy.
 """
 
-import uuid
-
 import torch
 
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig
 from controller.evaluation import Pair
+from controller.loop import POLICY_ADDITIVE, Runner, StepResult, merge_shards
 from controller.replicas import split_rows
 from rlhf.v1 import common_pb2, policy_pb2
 from services import codec
@@ -25,19 +24,20 @@ def interleave(pairs: list[Pair]) -> policy_pb2.TokenizeRequest:
     return policy_pb2.TokenizeRequest(prompts=prompts, responses=responses)
 
 
-class DPORunner:
+class DPORunner(Runner):
     """Runs DPO steps; `step()` is one Policy.Train."""
 
     def __init__(self, cfg: ControllerConfig, clients: ServiceClients, pairs: list[Pair]):
-        self.cfg = cfg
-        self.clients = clients
+        super().__init__(cfg, clients)
         self.pairs = pairs
-        self.run_id = cfg.run_id or uuid.uuid4().hex[:12]
-        self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.step_count = 0
-        self.policy_version = 0
-        self.last_stats: dict = {}
         self._order: list[int] = []
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"order": list(self._order)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._order = list(state["order"])
 
     def _next_pairs(self) -> list[Pair]:
         picked = []
@@ -49,9 +49,8 @@ class DPORunner:
 
     async def step(self):
         """One DPO step; returns a StepResult-like object with .step and .stats."""
-        from controller.loop import POLICY_ADDITIVE, StepResult, merge_shards
-
         c = self.clients
+        self.phase = "score"  # tokenize and reference log-probs: nothing trained yet
         pairs = self._next_pairs()
         tokenized = await c.one("policy", lambda s: s.Tokenize, interleave(pairs))
         seqs = Sequences(codec.ragged_from_pb(tokenized.tokens, "tokens"), list(tokenized.prompt_lengths))
@@ -69,8 +68,10 @@ class DPORunner:
             return policy_pb2.PolicyTrainRequest(key=key, dpo=objective, micro_batch_size=self.cfg.dpo.micro_batch_size)
 
         shards = split_rows(len(pairs), c.ranks("policy"))
-        reply = merge_shards(await c.each_rank("policy", lambda s: s.Train, [request_for(p) for p in shards]),
-                             POLICY_ADDITIVE)
+        self.phase = "train"
+        replies = await c.each_rank("policy", lambda s: s.Train, [request_for(p) for p in shards])
+        c.watch.trained("policy", replies)
+        reply = merge_shards(replies, POLICY_ADDITIVE)
         self.policy_version = reply.model_version
         stats = {"dpo/loss": reply.policy_loss, "dpo/reward_accuracy": reply.reward_accuracy,
                  "dpo/reward_margin": reply.reward_margin, "policy/grad_norm": reply.grad_norm,
@@ -79,4 +80,5 @@ class DPORunner:
         result = StepResult(self.step_count, stats, None)
         self.step_count += 1
         self.last_stats = stats
+        self.phase = "idle"
         return result

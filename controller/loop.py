@@ -16,6 +16,7 @@ import torch
 from controller import ppo
 from controller.clients import ServiceClients
 from controller.config import ControllerConfig, PPOConfig
+from controller.durability import decode_generator, encode_generator
 from controller.replicas import split_rows
 from rlhf.v1 import common_pb2, policy_pb2, reward_pb2, tensor_pb2, value_pb2
 from services import codec
@@ -58,6 +59,14 @@ def _ragged(name: str):
     return lambda reply: codec.ragged_from_pb(getattr(reply, name), name)
 
 
+def _values(clients: ServiceClients):
+    def rows_of(reply):
+        clients.watch.check_version("value", reply.model_version)
+        return codec.ragged_from_pb(reply.values, "values")
+
+    return rows_of
+
+
 async def generate(clients: ServiceClients, prompts: list[str], sampling: policy_pb2.SamplingParams) -> list[tuple]:
     """Policy.Generate over the policy's replicas; (prompt ids, response ids, logprobs, text, version) per row."""
     def request_for(index):
@@ -65,6 +74,7 @@ async def generate(clients: ServiceClients, prompts: list[str], sampling: policy
         return policy_pb2.GenerateRequest(prompt_texts=texts, sampling=sampling, first_row_index=index[0])
 
     def rows_of(reply):
+        clients.watch.check_version("policy", reply.policy_version)
         version = [reply.policy_version] * len(reply.response_texts)
         return zip(codec.ragged_from_pb(reply.prompt_tokens, "prompt_tokens"),
                    codec.ragged_from_pb(reply.response_tokens, "response_tokens"),
@@ -73,10 +83,12 @@ async def generate(clients: ServiceClients, prompts: list[str], sampling: policy
     return await clients.spread_rows("policy", len(prompts), request_for, lambda s: s.Generate, rows_of)
 
 
-async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict, seed: int = 0) -> Experience:
+async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict, seed: int = 0,
+                  on_phase=lambda phase: None) -> Experience:
     """Generate, then reference log-probs, values and RM scores concurrently, each spread over its replicas.
 
     `seed` (nonzero) makes the samples depend only on it and the row, not on how the batch is split.
+    on_phase("score") is called when generation is done.
     """
     start = time.perf_counter()
     sampling = policy_pb2.SamplingParams(
@@ -86,13 +98,14 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     responses = list(texts)
     seqs = Sequences([torch.cat([p, r]).long() for p, r in zip(prompt_rows, response_rows)], [len(p) for p in prompt_rows])
     timings["generate"] = time.perf_counter() - start
+    on_phase("score")
     start = time.perf_counter()
     n = len(prompts)
     ref, values, scores = await asyncio.gather(
         clients.spread_rows("reference", n, lambda idx: common_pb2.LogProbsRequest(
             sequences=seqs.select(idx).to_pb(), temperature=cfg.temperature), lambda s: s.LogProbs, _ragged("logprobs")),
         clients.spread_rows("value", n, lambda idx: value_pb2.ValuesRequest(sequences=seqs.select(idx).to_pb()),
-                            lambda s: s.Values, _ragged("values")),
+                            lambda s: s.Values, _values(clients)),
         clients.spread_rows("reward", n, lambda idx: reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(
             prompts=[prompts[i] for i in idx], responses=[responses[i] for i in idx])), lambda s: s.Score,
             lambda reply: list(codec.tensor_from_pb(reply.scores, "reward.scores").float())),
@@ -195,21 +208,56 @@ class StepResult:
     experience: Experience
 
 
-class PPORunner:
-    """Runs PPO iterations against the services; `step()` is one iteration."""
+class Runner:
+    """What every algorithm's runner keeps: the run id, the step count, the seeded generator, the policy version.
 
-    def __init__(self, cfg: ControllerConfig, clients: ServiceClients, prompts: list[str], ptx_texts=None):
+    `phase` says where the current step is ("generate" and "score" before any
+    Train of it was sent, "train" after, "idle" between steps): a step stopped
+    before "train" changed no weights and can be abandoned. `state_dict` / `load_state_dict` are the runner's part of a
+    run checkpoint (controller/durability.py).
+    """
+
+    def __init__(self, cfg: ControllerConfig, clients: ServiceClients):
         self.cfg = cfg
         self.clients = clients
-        self.prompts = prompts
-        self.ptx_texts = ptx_texts or []
         self.run_id = cfg.run_id or uuid.uuid4().hex[:12]
-        self.kl_ctl = kl_controller(cfg.ppo)
-        self.moments = ppo.RunningMoments() if cfg.ppo.normalize_reward else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.policy_version = 0
         self.last_stats: dict = {}
+        self.phase = "idle"
+
+    def state_dict(self) -> dict:
+        """The runner's state between two steps, as JSON-ready data."""
+        return {"step": self.step_count, "policy_version": self.policy_version,
+                "generator": encode_generator(self.generator), "last_stats": self.last_stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Go back to a state `state_dict` returned."""
+        self.step_count, self.policy_version = state["step"], state["policy_version"]
+        decode_generator(self.generator, state["generator"])
+        self.last_stats = dict(state["last_stats"])
+
+
+class PPORunner(Runner):
+    """Runs PPO iterations against the services; `step()` is one iteration."""
+
+    def __init__(self, cfg: ControllerConfig, clients: ServiceClients, prompts: list[str], ptx_texts=None):
+        super().__init__(cfg, clients)
+        self.prompts = prompts
+        self.ptx_texts = ptx_texts or []
+        self.kl_ctl = kl_controller(cfg.ppo)
+        self.moments = ppo.RunningMoments() if cfg.ppo.normalize_reward else None
+
+    def state_dict(self) -> dict:
+        moments = self.moments and [self.moments.count, self.moments.mean, self.moments.m2]
+        return super().state_dict() | {"kl_coef": self.kl_ctl.value, "moments": moments}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kl_ctl.value = state["kl_coef"]
+        if self.moments is not None:
+            self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
 
     def _next_prompts(self) -> list[str]:
         order = torch.randperm(len(self.prompts), generator=self.generator)[: self.cfg.ppo.batch_size]
@@ -237,6 +285,8 @@ class PPORunner:
         v_requests = [value_request(exp, cfg, key, part) for part in shard(index, v_ranks)]
         p, v = await asyncio.gather(c.each_rank("policy", lambda s: s.Train, p_requests),
                                     c.each_rank("value", lambda s: s.Train, v_requests))
+        c.watch.trained("policy", p)
+        c.watch.trained("value", v)
         return merge_shards(p, POLICY_ADDITIVE), merge_shards(v, VALUE_ADDITIVE)
 
     async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
@@ -264,9 +314,13 @@ class PPORunner:
         step = self.step_count
         timings: dict[str, float] = {}
         seed = row_seed(self.cfg.seed, step) or 1  # sampling seed of this iteration (0 would mean unseeded)
-        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed)
+        self.phase = "generate"
+        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed,
+                            lambda phase: setattr(self, "phase", phase))
         compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
+        self.phase = "train"
         stats = exp.stats | await self._train(exp, step, timings)
+        self.phase = "idle"
         self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.batch_size)
         stats.update({f"time/{k}": v for k, v in timings.items()})
         stats.update({"policy/version": self.policy_version, "step": step,

@@ -18,7 +18,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.metrics import (
@@ -62,7 +62,7 @@ STEP_GAUGES: dict[str, tuple[str, str]] = {
     "eval/rm_ece": ("rlhf_eval_rm_ece", "Expected calibration error of P(chosen preferred), held out (latest)."),
 }
 PHASES = {"time/generate": "generate", "time/score": "score", "time/train": "train"}
-RUN_STATES = ("starting", "running", "finished", "failed")
+RUN_STATES = ("starting", "running", "waiting", "restoring", "stopping", "finished", "failed")
 
 
 class RunCollector(Collector):
@@ -76,15 +76,26 @@ class RunCollector(Collector):
         if s is None:
             return
         state = GaugeMetricFamily("rlhf_run_state", "1 for the run's current state.", labels=["state"])
+        current = s.current_state()
         for name in RUN_STATES:
-            state.add_metric([name], 1.0 if s.state == name else 0.0)
+            state.add_metric([name], 1.0 if current == name else 0.0)
         yield state
+        d = s.driver
+        yield GaugeMetricFamily("rlhf_run_checkpoint_step", "Step of the run's last complete checkpoint (-1: none).",
+                                d.checkpoint_step if d else -1)
+        yield CounterMetricFamily("rlhf_run_restores", "Times the run went back to its last checkpoint because a "
+                                  "trained service restarted.", d.restores if d else 0)
         yield GaugeMetricFamily("rlhf_steps_planned", "Training steps the run is configured for.", s.cfg.total_steps())
         info = GaugeMetricFamily("rlhf_run_info", "The run (value 1).", labels=["run_id", "algorithm"])
         info.add_metric([s.runner.run_id if s.runner else s.cfg.run_id or "", s.cfg.algorithm], 1.0)
         yield info
         if s.clients is not None:
             yield replica_family(s.clients.pools)
+            waiting = GaugeMetricFamily("rlhf_waiting_for_service", "1 while the run retries this service "
+                                        "(unavailable or too slow).", labels=["service"])
+            for role in s.clients.pools:
+                waiting.add_metric([role], 1.0 if role in s.clients.outage.since else 0.0)
+            yield waiting
 
 
 def replica_family(pools: dict) -> GaugeMetricFamily:

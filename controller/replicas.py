@@ -16,6 +16,7 @@ trains only with every rank present.
 import asyncio
 import itertools
 import logging
+import random
 import time
 from typing import Awaitable, Callable, Sequence
 
@@ -24,18 +25,44 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.discovery import Discovery, DiscoveryError, DnsDiscovery, parse_target
 from rlhf.v1 import common_pb2
-from services.serving import GRPC_OPTIONS
+from services.channels import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
 FAILOVER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}  # the replica, not the request
-RETRY_SAME = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}  # transient on a rank
+RETRY_SAME = FAILOVER | {grpc.StatusCode.RESOURCE_EXHAUSTED}  # transient on a rank: retried on the same one
 Select = Callable[[object], Callable[..., Awaitable]]  # stub -> one of its RPC methods, e.g. lambda s: s.Score
 
 
 def backoff(attempt: int, cap: float = 8.0) -> float:
-    """Seconds to wait before retry `attempt` (0, 1, ...): 0.5 s doubling up to `cap`."""
-    return min(0.5 * 2**attempt, cap)
+    """Seconds to wait before retry `attempt` (0, 1, ...): 0.5 s doubling up to `cap`, times a jitter in
+    [0.5, 1) so that many callers retrying one restarted service do not arrive together."""
+    return min(0.5 * 2**attempt, cap) * random.uniform(0.5, 1.0)
+
+
+class Outage:
+    """The services the run is waiting for: since when and the last error, for Status and metrics."""
+
+    def __init__(self):
+        self.since: dict[str, float] = {}  # role -> Unix time the wait began
+        self.errors: dict[str, str] = {}  # role -> the last error of its calls
+
+    def waiting(self, role: str, error: str) -> None:
+        """A call to `role` failed transiently or found no replica; the run waits for it."""
+        if role not in self.since:
+            log.warning("waiting for %s: %s", role, error)
+            self.since[role] = time.time()
+        self.errors[role] = error
+
+    def recovered(self, role: str) -> None:
+        """A call to `role` succeeded again."""
+        if self.since.pop(role, None) is not None:
+            log.info("%s answers again", role)
+        self.errors.pop(role, None)
+
+
+class ServiceUnavailable(RuntimeError):
+    """A service stayed unavailable past services.restart_timeout_seconds."""
 
 
 class NoReplica(RuntimeError):
@@ -50,7 +77,12 @@ class Replicas:
     """Channels to every discovered replica of one service, with failover across them."""
 
     def __init__(self, role: str, target: str, stub_class, timeout: float = 600.0, retries: int = 3,
-                 probe_seconds: float = 2.0, discovery: Discovery | None = None, wait_seconds: float = 600.0):
+                 probe_seconds: float = 2.0, discovery: Discovery | None = None, wait_seconds: float = 600.0,
+                 outage: Outage | None = None):
+        """timeout: deadline of each call; retries: of RESOURCE_EXHAUSTED; wait_seconds: how long calls keep
+        retrying an unavailable service (and wait for a replica when none serves)."""
+        self.outage = outage or Outage()
+        self.on_reply: Callable[[object], None] | None = None  # sees every successful reply (restart detection)
         self.role = role
         self.target = target
         self.stub_class = stub_class
@@ -189,32 +221,64 @@ class Replicas:
             if time.monotonic() >= deadline:
                 break
             if attempt == 0:
-                log.warning("no %s replica is serving; waiting up to %.0fs", self.role, self.wait_seconds)
+                self.outage.waiting(self.role, f"no replica serving; waiting up to {self.wait_seconds:.0f}s")
             await asyncio.sleep(min(backoff(attempt, 5.0), max(deadline - time.monotonic(), 0.0)))
-        raise NoReplica(f"no {self.role} replica is serving (target {self.target}; "
-                        f"known: {', '.join(self.channels) or 'none'}; waited {self.wait_seconds:.0f}s)")
+        raise NoReplica(f"{self.role}: no replica is serving after {self.wait_seconds:.0f}s "
+                        f"(services.restart_timeout_seconds; target {self.target}; "
+                        f"known: {', '.join(self.channels) or 'none'})")
 
     async def _call_on(self, address: str, select: Select, request):
         return await select(self.stubs[address])(request, timeout=self.timeout)
 
+    async def info(self, address: str) -> common_pb2.ModelInfo:
+        """Info of the replica at `address`, as it is now (no failover, not watched)."""
+        return await self._call_on(address, lambda s: s.Info, common_pb2.InfoRequest())
+
     async def one(self, select: Select, request, first: str | None = None):
-        """Call one replica; on UNAVAILABLE/DEADLINE_EXCEEDED take it out and try another."""
+        """Call one replica; on UNAVAILABLE/DEADLINE_EXCEEDED take it out and try another, for up to wait_seconds."""
         tried: set[str] = set()
         address = first if first in self.stubs and first not in self.down else await self._pick(tried)
-        for attempt in range(self.retries + len(self.channels) + 1):
+        deadline = time.monotonic() + self.wait_seconds
+        for attempt in itertools.count():
             try:
-                return await self._call_on(address, select, request)
+                reply = await self._call_on(address, select, request)
             except grpc.aio.AioRpcError as error:
                 code = error.code()
+                if not self._retry(error, attempt, deadline):
+                    raise self._gave_up(error, deadline) from None
                 if code in FAILOVER:
                     self.take_out(address, f"{code.name}: {error.details()}")
-                elif code != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt >= self.retries:
-                    raise
-                else:
-                    await asyncio.sleep(backoff(attempt))
+                await asyncio.sleep(backoff(attempt))
                 tried.add(address)
                 address = await self._pick(tried)
-        raise NoReplica(f"{self.role}: every replica failed this request (target {self.target})")
+                continue
+            return self._answered(reply)
+
+    def _answered(self, reply):
+        """A call succeeded: the service is back if it was away; `on_reply` may still reject the reply."""
+        self.outage.recovered(self.role)
+        if self.on_reply is not None:
+            self.on_reply(reply)
+        return reply
+
+    def _retry(self, error: grpc.aio.AioRpcError, attempt: int, deadline: float) -> bool:
+        """Whether to try a failed call again: a transient code within the deadline (and `retries` when
+        overloaded). Other codes (INVALID_ARGUMENT, ...) never are."""
+        code = error.code()
+        if code not in RETRY_SAME or time.monotonic() >= deadline:
+            return False
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt >= self.retries:
+            return False
+        self.outage.waiting(self.role, f"{code.name}: {error.details()}")
+        return True
+
+    def _gave_up(self, error: grpc.aio.AioRpcError, deadline: float) -> Exception:
+        """The error to raise for a call that is not retried again."""
+        if error.code() in FAILOVER and time.monotonic() >= deadline:
+            return ServiceUnavailable(f"{self.role} ({self.target}) did not answer for {self.wait_seconds:.0f}s "
+                                      f"(services.restart_timeout_seconds); last error {error.code().name}: "
+                                      f"{error.details()}")
+        return error
 
     def width(self) -> int:
         """Shards to cut a batch into: the serving replicas (at least 1)."""
@@ -234,7 +298,7 @@ class Replicas:
         """
         self.sync()
         addresses = list(self.channels)
-        infos = await asyncio.gather(*(self._call_on(a, lambda s: s.Info, common_pb2.InfoRequest()) for a in addresses))
+        infos = await asyncio.gather(*(self.info(a) for a in addresses))
         sizes = {max(i.data_parallel_size, 1) for i in infos}
         by_rank = {i.data_parallel_rank: a for i, a in zip(infos, addresses)}
         size = sizes.pop() if len(sizes) == 1 else 0
@@ -257,14 +321,18 @@ class Replicas:
         return await self._each(select, requests, self.ranks)
 
     async def _each(self, select: Select, requests: Sequence, addresses: Sequence[str]) -> list:
+        deadline = time.monotonic() + self.wait_seconds
+
         async def on_rank(address, request):
-            for attempt in range(self.retries + 1):
+            for attempt in itertools.count():
                 try:
-                    return await self._call_on(address, select, request)
+                    reply = await self._call_on(address, select, request)
                 except grpc.aio.AioRpcError as error:
-                    if error.code() not in RETRY_SAME or attempt == self.retries:
-                        raise
+                    if not self._retry(error, attempt, deadline):
+                        raise self._gave_up(error, deadline) from None
                     await asyncio.sleep(backoff(attempt))
+                    continue
+                return self._answered(reply)
 
         return list(await asyncio.gather(*(on_rank(a, r) for a, r in zip(addresses, requests))))
 

@@ -1,10 +1,10 @@
 """The controller process: ControllerService (Status, Evaluate) plus the run it reports on."""
 
 import asyncio
-import json
 import logging
-import pathlib
+import signal
 import time
+import uuid
 from typing import Callable
 
 from grpc_health.v1 import health_pb2
@@ -13,6 +13,8 @@ from controller.clients import ServiceClients, check_shared_tokenizer
 from controller.config import ControllerConfig
 from controller.data import read_texts
 from controller.dpo import DPORunner
+from controller.driver import Driver, resume_point
+from controller.durability import RunDirectory
 from controller.evaluation import Pair, compare_async, summarize
 from controller.loop import PPORunner, StepResult
 from controller.metrics import ControllerMetrics
@@ -37,6 +39,25 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
         self.clients: ServiceClients | None = None
         self.eval_pairs = eval_pairs or []
         self.last_evaluation: controller_pb2.EvaluateResponse | None = None
+        self.driver: Driver | None = None
+
+    async def after_step(self, result: StepResult) -> None:
+        """The periodic RM evaluation (its figures join the step's stats), then the step's metrics."""
+        total = self.cfg.total_steps()
+        step = self.runner.step_count
+        if self.eval_pairs and (step % self.cfg.evaluation.every == 0 or step == total):
+            e = await self.evaluate()
+            result.stats.update({"eval/rm_accuracy": e.accuracy, "eval/rm_mean_margin": e.mean_margin,
+                                 "eval/rm_ece": e.ece})
+        self.metrics.observe_step(result.stats)
+
+    def waiting(self) -> tuple[str, float, str]:
+        """(service, since, last error) the run waits for now, or ("", 0, "")."""
+        outage = self.clients.outage if self.clients is not None else None
+        if not outage or not outage.since:
+            return "", 0.0, ""
+        role = min(outage.since, key=outage.since.get)
+        return role, outage.since[role], outage.errors.get(role, "")
 
     async def evaluate(self) -> controller_pb2.EvaluateResponse:
         """Score the held-out pairs with the reward service; keep the result for Status."""
@@ -55,13 +76,21 @@ class ControllerServicer(controller_pb2_grpc.ControllerServiceServicer):
     async def Evaluate(self, request, context):
         return await self.evaluate()
 
+    def current_state(self) -> str:
+        """The run's state; "waiting" while a running run retries a service that is away."""
+        return "waiting" if self.state == "running" and self.waiting()[0] else self.state
+
     async def Status(self, request, context):
-        r = self.runner
+        r, d = self.runner, self.driver
         stats = {k: float(v) for k, v in (r.last_stats if r else {}).items() if isinstance(v, (int, float))}
+        role, since, error = self.waiting()
         return controller_pb2.StatusResponse(
-            run_id=r.run_id if r else "", state=self.state, step=r.step_count if r else 0,
+            run_id=r.run_id if r else "", state=self.current_state(), step=r.step_count if r else 0,
             total_steps=self.cfg.total_steps(), policy_version=r.policy_version if r else 0,
             stats=stats, error=self.error, algorithm=self.cfg.algorithm, last_evaluation=self.last_evaluation,
+            waiting_for=role, waiting_since=since, last_error=error,
+            checkpoint_step=d.checkpoint_step if d else -1, restores=d.restores if d else 0,
+            phase=r.phase if r else "idle",
         )
 
 
@@ -82,7 +111,7 @@ async def connect(cfg: ControllerConfig) -> ServiceClients:
     """Clients of the run's services, once all report SERVING and share a tokenizer."""
     endpoints = {role: addr for role, addr in cfg.services.model_dump().items() if role in cfg.roles()}
     clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds,
-                             cfg.ready_timeout_seconds)
+                             cfg.services.restart_timeout_seconds)
     try:
         await clients.wait_ready(cfg.ready_timeout_seconds)
         check_shared_tokenizer(await clients.infos())
@@ -132,44 +161,39 @@ def load_data(cfg: ControllerConfig) -> dict:
     return data
 
 
-async def _train(cfg: ControllerConfig, servicer: ControllerServicer, runner, on_step) -> None:
-    out = pathlib.Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    total = cfg.total_steps()
-    servicer.metrics.run_started()
-    with open(out / "stats.jsonl", "a") as stats_file:
-        for _ in range(total):
-            result: StepResult = await runner.step()
-            if servicer.eval_pairs and (runner.step_count % cfg.evaluation.every == 0 or runner.step_count == total):
-                e = await servicer.evaluate()
-                result.stats.update({"eval/rm_accuracy": e.accuracy, "eval/rm_mean_margin": e.mean_margin,
-                                     "eval/rm_ece": e.ece})
-            servicer.metrics.observe_step(result.stats)
-            stats_file.write(json.dumps(result.stats) + "\n")
-            stats_file.flush()
-            if on_step:
-                on_step(result)
+def make_runner(cfg: ControllerConfig, clients: ServiceClients, data: dict) -> PPORunner | DPORunner:
+    """The configured algorithm's runner."""
+    if cfg.algorithm == "ppo":
+        return PPORunner(cfg, clients, data["prompts"], data["ptx"])
+    return DPORunner(cfg, clients, data["pairs"])
 
 
 async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], None] | None = None,
-                         metrics: ControllerMetrics | None = None):
-    """Serve Status/Evaluate, connect, run the configured algorithm, write stats.jsonl, checkpoint.
+                         metrics: ControllerMetrics | None = None, handle_sigterm: bool = False):
+    """Serve Status/Evaluate, connect, run the configured algorithm with run checkpoints, save the final models.
 
+    Starts a new run or resumes one per `checkpoint.resume` (controller/driver.py:resume_point).
+    handle_sigterm: SIGTERM stops the run at the next step boundary with a checkpoint (RunStopped).
     The /metrics endpoint stops at the end unless the caller passed `metrics` (then it is the caller's).
     """
+    files = RunDirectory(cfg.output_dir, cfg.checkpoint.keep)
+    checkpoint = resume_point(cfg, files)
+    cfg = cfg.model_copy(update={"run_id": checkpoint["run_id"] if checkpoint else cfg.run_id or uuid.uuid4().hex[:12]})
     data = load_data(cfg)
     servicer = ControllerServicer(cfg, data["eval_pairs"], metrics)
     server, port = await start_controller_server(servicer)
-    log.info("controller listening on %s:%d", cfg.server.host, port)
+    log.info("controller listening on %s:%d (run %s)", cfg.server.host, port, cfg.run_id)
+    loop = asyncio.get_running_loop()
     try:
         clients = servicer.clients = await connect(cfg)
-        if cfg.algorithm == "ppo":
-            runner = PPORunner(cfg, clients, data["prompts"], data["ptx"])
-        else:
-            runner = DPORunner(cfg, clients, data["pairs"])
-        servicer.runner = runner
+        runner = servicer.runner = make_runner(cfg, clients, data)
+        driver = servicer.driver = Driver(cfg, servicer, runner, files, on_step)
+        if handle_sigterm:
+            loop.add_signal_handler(signal.SIGTERM, driver.request_stop)
+        await driver.begin(checkpoint)
         servicer.state = "running"
-        await _train(cfg, servicer, runner, on_step)
+        servicer.metrics.run_started()
+        await driver.run()
         if cfg.save_checkpoint:
             log.info("checkpoints: %s", await save_final(clients, cfg.save_checkpoint))
         servicer.state = "finished"
@@ -178,6 +202,8 @@ async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], 
         servicer.state, servicer.error = "failed", str(error)
         raise
     finally:
+        if handle_sigterm:
+            loop.remove_signal_handler(signal.SIGTERM)
         if servicer.clients is not None:
             await servicer.clients.close()
         await server.stop(1)

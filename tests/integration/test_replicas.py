@@ -43,7 +43,7 @@ def test_no_serving_replica_is_a_clear_error():
         finally:
             await replicas.close()
 
-    with pytest.raises(NoReplica, match=r"no reward replica is serving .*waited 2s"):
+    with pytest.raises(NoReplica, match=r"^reward: no replica is serving after 2s \(services.restart_timeout_seconds"):
         asyncio.run(run())
 
 

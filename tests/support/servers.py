@@ -6,9 +6,10 @@ from typing import Self
 
 import grpc
 
+from services.channels import GRPC_OPTIONS
 from services.config import ServiceConfig
 from services.registry import SERVICES
-from services.serving import GRPC_OPTIONS, serve
+from services.serving import serve
 
 
 class ServerThread:

@@ -4,7 +4,10 @@ import json
 import re
 import types
 
+from controller.config import ControllerConfig
 from controller.metrics import ControllerMetrics
+from controller.replicas import Outage
+from controller.service import ControllerServicer
 from monitoring import dashboard
 from services.metrics import DeviceMemoryCollector, ServiceMetrics
 from services.registry import SERVICES
@@ -65,8 +68,8 @@ def exported_names() -> set[str]:
         servicer.executor.shutdown()
     controller = ControllerMetrics()
     pools = {"reward": types.SimpleNamespace(serving=lambda: ["a"], channels={"a": 0, "b": 0})}
-    controller.attach(types.SimpleNamespace(state="running", runner=None, cfg=types.SimpleNamespace(
-        total_steps=lambda: 1, run_id="r", algorithm="ppo"), clients=types.SimpleNamespace(pools=pools)))
+    cfg = ControllerConfig.model_validate({"run_id": "r", "data": {"prompts": "unused"}, "ppo": {"total_steps": 1}})
+    ControllerServicer(cfg, metrics=controller).clients = types.SimpleNamespace(pools=pools, outage=Outage())
     controller.observe_step(PPO_STATS)
     registries.append(controller.registry)
     gpu = DeviceMemoryCollector("policy", "cuda:0")

@@ -4,8 +4,10 @@ import types
 
 import pytest
 
-from controller.config import ControllerServerConfig
+from controller.config import ControllerConfig, ControllerServerConfig
 from controller.metrics import PHASES, STEP_GAUGES, ControllerMetrics
+from controller.replicas import Outage
+from controller.service import ControllerServicer
 from services.config import ServerConfig
 from services.metrics import DeviceMemoryCollector, exposition, metrics_port
 from tests.support.metrics import PPO_STATS, fake_cuda, samples, value
@@ -22,11 +24,18 @@ def test_port_defaults_follow_the_design_and_minus_one_disables():
         ServerConfig(metrics_port=-2)
 
 
+def controller_servicer(metrics: ControllerMetrics, total_steps: int = 10) -> ControllerServicer:
+    """A real ControllerServicer, not connected to services, reporting to `metrics`."""
+    cfg = ControllerConfig.model_validate({"run_id": "r1", "data": {"prompts": "unused"},
+                                           "ppo": {"total_steps": total_steps}})
+    servicer = ControllerServicer(cfg, metrics=metrics)
+    servicer.state = "running"
+    return servicer
+
+
 def test_controller_exports_every_step_statistic():
     metrics = ControllerMetrics()
-    servicer = types.SimpleNamespace(state="running", runner=None, clients=None,
-                                     cfg=types.SimpleNamespace(total_steps=lambda: 10, run_id="r1", algorithm="ppo"))
-    metrics.attach(servicer)
+    controller_servicer(metrics)
     metrics.observe_step(PPO_STATS)
     metrics.observe_step(PPO_STATS | {"samples": 16, "step": 1, "reward/mean": 0.7})
     got = samples(exposition(metrics.registry))
@@ -42,6 +51,24 @@ def test_controller_exports_every_step_statistic():
     assert value(got, "rlhf_steps_planned") == 10
     assert value(got, "rlhf_last_step_timestamp_seconds") > 1e9
     assert not any(name.startswith("rlhf_dpo_") for name, _ in got)  # a PPO run exports no DPO gauges
+    assert value(got, "rlhf_run_checkpoint_step") == -1 and value(got, "rlhf_run_restores_total") == 0
+
+
+def test_a_run_that_retries_a_service_reports_waiting_for_it():
+    metrics = ControllerMetrics()
+    servicer = controller_servicer(metrics)
+    pool = types.SimpleNamespace(serving=lambda: [], channels={"a": 0})
+    servicer.clients = types.SimpleNamespace(pools={"reward": pool, "policy": pool}, outage=Outage())
+    servicer.clients.outage.waiting("reward", "UNAVAILABLE: connection refused")
+    got = samples(exposition(metrics.registry))
+    assert value(got, "rlhf_waiting_for_service", service="reward") == 1
+    assert value(got, "rlhf_waiting_for_service", service="policy") == 0
+    assert value(got, "rlhf_run_state", state="waiting") == 1 and value(got, "rlhf_run_state", state="running") == 0
+    assert servicer.waiting()[0] == "reward" and "connection refused" in servicer.waiting()[2]
+    servicer.clients.outage.recovered("reward")
+    got = samples(exposition(metrics.registry))
+    assert value(got, "rlhf_waiting_for_service", service="reward") == 0
+    assert value(got, "rlhf_run_state", state="running") == 1
 
 
 def test_device_memory_is_read_from_the_cuda_allocator_at_scrape_time():

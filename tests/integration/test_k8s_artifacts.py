@@ -174,3 +174,28 @@ def test_dockerfile_passes_hadolint():
     result = subprocess.run([tool("hadolint"), "--no-color", str(ROOT / "Dockerfile")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- durability: the controller Job resumes its run, pods come back at its state, drains go one pod at a time --
+
+def test_a_retried_controller_pod_resumes_the_releases_run():
+    objs = render({"controller": {"config": {"checkpoint": {"every": 5}}}})
+    job = by_kind(objs, "Job")["rlhf-controller"]
+    assert job["spec"]["backoffLimit"] > 0
+    assert job["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 300  # a step and a checkpoint
+    config = yaml.safe_load(by_kind(objs, "ConfigMap")["rlhf-controller"]["data"]["controller.yaml"])
+    assert config["run_id"] == "rlhf" and config["checkpoint"] == {"resume": "auto", "every": 5}
+    for role in ("policy", "value"):  # a restarted pod loads the run's newest complete state at start
+        service = yaml.safe_load(by_kind(objs, "ConfigMap")[f"rlhf-{role}"]["data"][f"{role}.yaml"])
+        assert service["training"]["restore_from"] == "runs/rlhf"
+        assert service["server"]["checkpoint_dir"] == f"/checkpoints/{role}"
+
+
+def test_each_enabled_model_service_has_a_disruption_budget():
+    objs = render({"value": {"enabled": False}, "podDisruptionBudget": {"maxUnavailable": 2}})
+    budgets = by_kind(objs, "PodDisruptionBudget")
+    assert sorted(budgets) == ["rlhf-policy", "rlhf-reference", "rlhf-reward"]
+    for name, budget in budgets.items():
+        assert budget["spec"]["maxUnavailable"] == 2
+        assert budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == name.removeprefix("rlhf-")
+    assert not by_kind(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")

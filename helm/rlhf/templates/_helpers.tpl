@@ -164,6 +164,8 @@ the chart's defaults, then the user's `config`, then what the chart owns
 {{- $base := dict "server" (dict "host" "0.0.0.0") }}
 {{- if has .name (list "policy" "value") }}
 {{- $_ := set $base.server "checkpoint_dir" (printf "%s/%s" .root.Values.checkpoints.mountPath .name) }}
+{{- /* a restarted pod comes back at the run's last saved state (the controller restores it anyway) */}}
+{{- $_ := set $base "training" (dict "restore_from" (printf "runs/%s" (include "rlhf.runId" .root))) }}
 {{- end }}
 {{- $owned := dict "role" .name "model" (dict "path" (include "rlhf.modelPath" .)) "server" (dict "port" .c.ports.grpc "metrics_port" .c.ports.metrics) }}
 {{- $cfg := mergeOverwrite $base (deepCopy (default dict .c.config)) $owned }}
@@ -171,7 +173,16 @@ the chart's defaults, then the user's `config`, then what the chart owns
 {{- end }}
 
 {{/*
-The controller's YAML file (controller/config.py ControllerConfig).
+The run id: the controller's config.run_id, or the release's full name. It is
+fixed for the release, so a restarted controller Job resumes its own run.
+*/}}
+{{- define "rlhf.runId" -}}
+{{- default (include "rlhf.fullname" .) (default dict .Values.controller.config).run_id }}
+{{- end }}
+
+{{/*
+The controller's YAML file (controller/config.py ControllerConfig). A run
+resumes from its last complete checkpoint when the Job's pod is retried.
 */}}
 {{- define "rlhf.controllerConfig" -}}
 {{- $root := . }}
@@ -185,7 +196,7 @@ The controller's YAML file (controller/config.py ControllerConfig).
 {{- $_ := set $services $name (printf "kubernetes:///%s:grpc" $headless) }}
 {{- end }}
 {{- end }}
-{{- $base := dict "services" $services "server" (dict "host" "0.0.0.0") "output_dir" (printf "%s/runs" .Values.checkpoints.mountPath) }}
+{{- $base := dict "services" $services "server" (dict "host" "0.0.0.0") "output_dir" (printf "%s/runs" .Values.checkpoints.mountPath) "run_id" (include "rlhf.runId" .) "checkpoint" (dict "resume" "auto") }}
 {{- $c := .Values.controller }}
 {{- $owned := dict "server" (dict "port" $c.ports.grpc "metrics_port" $c.ports.metrics) }}
 {{- $cfg := mergeOverwrite $base (deepCopy (default dict $c.config)) $owned }}

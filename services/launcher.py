@@ -64,6 +64,7 @@ class LocalMesh:
         self.ports = {name: free_port() for names in self.names.values() for name in names}
         self.metrics_ports = {name: port or free_port() for name, port in (metrics_ports or {}).items()}
         self.processes: dict[str, subprocess.Popen] = {}
+        self._commands: dict[str, tuple[list[str], dict]] = {}  # name -> (command, env), to start it again
 
     @property
     def metrics_endpoints(self) -> dict[str, str]:
@@ -99,9 +100,26 @@ class LocalMesh:
                              metrics_port=self.metrics_ports.get(name, -1))
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        log = open(self.workdir / f"{name}.log", "w")
         command = [sys.executable, "-m", "cli", "serve", role, "--config", str(path)]
-        self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._commands[name] = (command, env)
+        self._spawn(name)
+
+    def _spawn(self, name: str) -> None:
+        command, env = self._commands[name]
+        with open(self.workdir / f"{name}.log", "a") as log:  # a restarted process appends to the same log
+            self.processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def kill(self, name: str) -> int:
+        """SIGKILL one process (a crash, an OOM kill, a lost node) and reap it; returns its exit code."""
+        proc = self.processes.pop(name)
+        proc.kill()
+        return proc.wait()
+
+    def restart(self, name: str) -> None:
+        """Start a process that was killed or stopped again, with the same config and port (a restarted pod)."""
+        if name in self.processes and self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(name)
 
     def stop_process(self, name: str, timeout: float = 30.0) -> int:
         """SIGTERM one process (e.g. a replica) and wait for it; returns its exit code."""

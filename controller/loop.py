@@ -21,7 +21,7 @@ from controller.replicas import split_rows
 from rlhf.v1 import common_pb2, policy_pb2, reward_pb2, tensor_pb2, value_pb2
 from services import codec
 from services.batch import Sequences
-from services.inference import row_seed
+from services.seeds import row_seed
 
 log = logging.getLogger(__name__)
 

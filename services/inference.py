@@ -5,7 +5,6 @@ Generate, LogProbs and Train all turn logits into log-probs with
 PPO ratio on freshly sampled data is 1 up to floating-point noise.
 """
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +23,7 @@ from transformers import (
 from services.batch import Sequences
 from services.codec import pad_rows
 from services.objectives import logprobs_from_logits
+from services.seeds import row_seed
 
 
 def _temperature(t: float) -> float:
@@ -107,12 +107,6 @@ def generation_config(s: Sampling, pad_id: int, eos_id: int) -> GenerationConfig
         return_dict_in_generate=True,
         output_logits=True,
     )
-
-
-def row_seed(seed: int, row: int) -> int:
-    """The seed of row `row`'s sampling stream under request seed `seed` (63 bits)."""
-    digest = hashlib.blake2b(f"{seed}:{row}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class RowSampler(LogitsProcessor):

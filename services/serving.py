@@ -6,10 +6,13 @@ metrics and error interceptors. The model services and the ControllerService
 are built by the same `build_server`.
 """
 
+from __future__ import annotations
+
 import asyncio
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,7 +21,9 @@ from grpc_reflection.v1alpha import reflection
 from services.channels import GRPC_OPTIONS
 from services.errors import ErrorInterceptor
 from services.metrics import metrics_for, metrics_port
-from services.servicer import ModelServicer
+
+if TYPE_CHECKING:  # the model code is imported only by the processes that serve a model
+    from services.servicer import ModelServicer
 
 log = logging.getLogger(__name__)
 

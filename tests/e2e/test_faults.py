@@ -97,22 +97,16 @@ def kill_in_phase(mesh, run: ControllerRun, name: str, phase: str, from_step: in
 
 
 def test_restarted_trained_services_are_restored_not_trained_on(mesh, baseline):
-    """The policy dies while generating, later the value service while scoring: two restores, one run."""
+    """The policy dies while generating, the value service while scoring, the policy again while training:
+    three restores in one run."""
     fresh_trainers(mesh)
     run = ControllerRun(mesh, mesh.run_dir, "trained-restarted")
     run.start()
     kill_in_phase(mesh, run, "policy", "generate", from_step=2)
-    kill_in_phase(mesh, run, "value", "score", from_step=4)
+    kill_in_phase(mesh, run, "value", "score", from_step=3)
+    kill_in_phase(mesh, run, "policy", "train", from_step=4)
     check_same_as_baseline(mesh, run, baseline, went_back=True)
-    assert run.log().count("going back to the checkpoint") >= 2
-
-
-def test_a_policy_killed_while_training_is_restored(mesh, baseline):
-    fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "policy-train")
-    run.start()
-    kill_in_phase(mesh, run, "policy", "train")
-    check_same_as_baseline(mesh, run, baseline, went_back=True)
+    assert run.log().count("going back to the checkpoint") >= 3
 
 
 @pytest.mark.skipif(not os.environ.get("RLHF_FAULT_SOAK"), reason="soak: RLHF_FAULT_SOAK=1")
@@ -154,27 +148,21 @@ def test_a_service_that_stays_away_fails_the_run_in_one_line_and_leaves_a_checkp
     assert "resuming run reward-lost" in run.log()
 
 
-def test_a_killed_controller_resumes_where_its_checkpoint_is(mesh, baseline):
+def test_a_stopped_or_killed_controller_resumes_where_its_checkpoint_is(mesh, baseline):
+    """SIGTERM while generating (exit 75 after a checkpoint), resume; SIGKILL while training, resume."""
     fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "controller-killed")
+    run = ControllerRun(mesh, mesh.run_dir, "controller-stopped")
     run.start()
-    run.wait_for(in_phase("train", from_step=3))
+    run.wait_for(in_phase("generate", from_step=2))
+    run.process.terminate()
+    assert run.finish() == 75
+    assert "stopped by SIGTERM" in run.log().strip().splitlines()[-1]
+    run.start("--resume")
+    run.wait_for(in_phase("train", from_step=4))
     run.kill()
     # Without --resume the output directory's run is not started over, nor are trained services trained on.
     run.start()
     assert run.finish() == 2
-    assert "holds run 'controller-killed'" in run.log().strip().splitlines()[-1]
-    run.start("--resume")
-    check_same_as_baseline(mesh, run, baseline, went_back=False)
-
-
-def test_sigterm_checkpoints_at_a_step_boundary_and_the_run_resumes(mesh, baseline):
-    fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "controller-sigterm")
-    run.start()
-    run.wait_for(in_phase("generate", from_step=3))
-    run.process.terminate()
-    assert run.finish() == 75
-    assert "stopped by SIGTERM" in run.log().strip().splitlines()[-1]
+    assert "holds run 'controller-stopped'" in run.log().strip().splitlines()[-1]
     run.start("--resume")
     check_same_as_baseline(mesh, run, baseline, went_back=False)

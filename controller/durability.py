@@ -108,11 +108,13 @@ class RunDirectory:
         self.stats.truncate(0)
         write_json_atomically(self.root / "run.json", {"run_id": run_id, "algorithm": algorithm})
 
+    def _files(self) -> list[tuple[int, pathlib.Path]]:
+        """(step, path) of every checkpoint file, oldest first."""
+        return sorted((int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _STEP_FILE.fullmatch(p.name)))
+
     def latest(self) -> dict | None:
         """The newest complete run checkpoint, or None."""
-        found = sorted((int(m.group(1)), p) for p in self.checkpoints.iterdir()
-                       if (m := _STEP_FILE.fullmatch(p.name)))
-        for _, path in reversed(found):
+        for _, path in reversed(self._files()):
             try:
                 return json.loads(path.read_text())
             except ValueError:  # cannot happen with the atomic rename; skip rather than fail the resume
@@ -123,9 +125,7 @@ class RunDirectory:
         """Write checkpoint step-N.json atomically, then remove all but the `keep` newest."""
         path = self.checkpoints / f"step-{checkpoint['step']}.json"
         write_json_atomically(path, checkpoint)
-        found = sorted((int(m.group(1)), p) for p in self.checkpoints.iterdir()
-                       if (m := _STEP_FILE.fullmatch(p.name)))
-        for _, old in found[: -self.keep]:
+        for _, old in self._files()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 

@@ -248,9 +248,10 @@ class Replicas:
                     raise self._gave_up(error, deadline) from None
                 if code in FAILOVER:
                     self.take_out(address, f"{code.name}: {error.details()}")
-                await asyncio.sleep(backoff(attempt))
                 tried.add(address)
-                address = await self._pick(tried)
+                address = await self._pick(tried)  # another replica at once; it waits when none serves
+                if address in tried or code not in FAILOVER:  # the same one again, or overloaded: give it time
+                    await asyncio.sleep(backoff(attempt))
                 continue
             return self._answered(reply)
 

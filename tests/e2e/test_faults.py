@@ -89,24 +89,25 @@ def check_same_as_baseline(mesh, run: ControllerRun, baseline, went_back: bool) 
 
 def kill_in_phase(mesh, run: ControllerRun, name: str, phase: str, from_step: int = 3) -> None:
     """SIGKILL service process `name` while the run is in `phase` (of step `from_step` or later); start it
-    again a second later."""
+    again half a second later."""
     run.wait_for(in_phase(phase, from_step))
     mesh.kill(name)
-    time.sleep(1)
+    time.sleep(0.5)
     mesh.restart(name)
 
 
-def test_restarted_trained_services_are_restored_not_trained_on(mesh, baseline):
-    """The policy dies while generating, the value service while scoring, the policy again while training:
-    three restores in one run."""
+def test_restarted_services_are_restored_or_waited_for(mesh, baseline):
+    """The policy dies while generating, the value service while scoring, the policy again while training
+    (each a restore), then the reference while scoring (waited for): one run."""
     fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "trained-restarted")
+    run = ControllerRun(mesh, mesh.run_dir, "restarted")
     run.start()
     kill_in_phase(mesh, run, "policy", "generate", from_step=2)
     kill_in_phase(mesh, run, "value", "score", from_step=3)
     kill_in_phase(mesh, run, "policy", "train", from_step=4)
+    kill_in_phase(mesh, run, "reference", "score", from_step=5)
     check_same_as_baseline(mesh, run, baseline, went_back=True)
-    assert run.log().count("going back to the checkpoint") >= 3
+    assert run.log().count("going back to the checkpoint") == 3
 
 
 @pytest.mark.skipif(not os.environ.get("RLHF_FAULT_SOAK"), reason="soak: RLHF_FAULT_SOAK=1")
@@ -119,21 +120,14 @@ def test_soak_every_trained_service_in_every_phase(mesh, baseline, role, phase):
     check_same_as_baseline(mesh, run, baseline, went_back=True)
 
 
-def test_restarted_frozen_services_are_waited_for(mesh, baseline):
-    """The reference dies while scoring, later the reward model: retried until they serve, nothing restored."""
+def test_a_reward_model_that_restarts_is_waited_for_and_one_that_stays_away_fails_the_run(mesh, baseline):
+    """Reward killed and restarted (the run goes on), later killed for good: the run fails in one line,
+    leaves its checkpoint, and resumes once the reward model is back."""
     fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "frozen-restarted")
+    run = ControllerRun(mesh, mesh.run_dir, "reward-lost", restart_timeout=12)  # a restart loads in ~5 s
     run.start()
-    kill_in_phase(mesh, run, "reference", "score", from_step=2)
-    kill_in_phase(mesh, run, "reward", "score", from_step=4)
-    check_same_as_baseline(mesh, run, baseline, went_back=False)
-
-
-def test_a_service_that_stays_away_fails_the_run_in_one_line_and_leaves_a_checkpoint(mesh, baseline):
-    fresh_trainers(mesh)
-    run = ControllerRun(mesh, mesh.run_dir, "reward-lost", restart_timeout=6)
-    run.start()
-    run.wait_for(in_phase("generate"))
+    kill_in_phase(mesh, run, "reward", "score", from_step=1)
+    run.wait_for(in_phase("generate", from_step=3))
     mesh.kill("reward")
     waiting = run.wait_for(lambda s: s.state == "waiting")
     assert waiting.waiting_for == "reward" and waiting.waiting_since > 0 and waiting.last_error

@@ -34,7 +34,7 @@ class ControllerRun:
             "run_id": name, "services": {**mesh.endpoints, "restart_timeout_seconds": restart_timeout},
             "data": {"prompts": str(work / "prompts.jsonl")}, "output_dir": str(self.work / "out"),
             "server": {"host": "127.0.0.1", "port": self.port, "metrics_port": -1},
-            "save_checkpoint": f"final-{name}", "ready_timeout_seconds": 120, "probe_seconds": 0.5,
+            "save_checkpoint": f"final-{name}", "ready_timeout_seconds": 120, "probe_seconds": 0.25,
             "checkpoint": {"every": EVERY, "keep": 2},
             "ppo": {"total_steps": STEPS, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "max_new_tokens": 8},
         }))

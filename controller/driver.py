@@ -97,11 +97,11 @@ class Driver:
 
     async def begin(self, checkpoint: dict | None) -> None:
         """Resume from `checkpoint`, or start a new run (services must be untrained) and checkpoint step 0."""
-        infos = await self.clients.infos()
         if checkpoint is not None:
             log.info("resuming run %s from its checkpoint of step %d", checkpoint["run_id"], checkpoint["step"])
             await self.restore(checkpoint)
             return
+        infos = await self.clients.infos()
         trained = {role: infos[role][0].model_version for role in self.trained_roles()}
         for role, version in trained.items():
             if version != 0:

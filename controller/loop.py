@@ -213,8 +213,9 @@ class Runner:
 
     `phase` says where the current step is ("generate" and "score" before any
     Train of it was sent, "train" after, "idle" between steps): a step stopped
-    before "train" changed no weights and can be abandoned. `state_dict` / `load_state_dict` are the runner's part of a
-    run checkpoint (controller/durability.py).
+    before "train" changed no weights and can be abandoned. `state_dict` /
+    `load_state_dict` are the runner's part of a run checkpoint
+    (controller/durability.py).
     """
 
     def __init__(self, cfg: ControllerConfig, clients: ServiceClients):

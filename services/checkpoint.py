@@ -71,7 +71,7 @@ def _write_state(servicer, target: pathlib.Path) -> list[str]:
     try:
         save_weights(trainer.module, partial / WEIGHTS)
         extra = {"version": trainer.version, "applied": servicer.applied.export(), "rng": torch.get_rng_state()}
-        training_state.save_rank_state(partial, 0, trainer.optimizer_state(), extra)
+        training_state.save_rank_state(partial, trainer.optimizer_state(), extra)
         training_state.write_manifest(partial, {"role": servicer.role, "rank": trainer.rank,
                                                 "world_size": trainer.world_size, "model_version": trainer.version})
         if target.exists():
@@ -124,7 +124,7 @@ def read_state(servicer, source: pathlib.Path) -> dict:
         raise Refused(f"{source} holds a {manifest['role']} state of {manifest['world_size']} rank(s); this is a "
                       f"{servicer.role} service of {trainer.world_size}")
     trainer.module.load_state_dict(load_file(str(source / WEIGHTS)))
-    optimizer, extra = training_state.load_rank_state(source, 0, trainer.optimizer_state())
+    optimizer, extra = training_state.load_rank_state(source, trainer.optimizer_state())
     trainer.load_optimizer_state(optimizer)
     trainer.version = int(extra["version"])
     torch.set_rng_state(extra["rng"])

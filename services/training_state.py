@@ -1,14 +1,14 @@
 """A trainable service's full training state on disk, without pickle: safetensors + JSON.
 
-One state directory (under the service's checkpoint_dir) holds:
+One rank's state directory (services/checkpoint.py writes PATH/rank-R/ under
+the service's checkpoint_dir) holds:
 
-    config.json, model.safetensors, tokenizer files   save_pretrained of the weights (rank 0 writes them)
-    optimizer-rank{r}.safetensors                      the tensors of rank r's optimizer state
-    state-rank{r}.json                                 the rest of it: the optimizer's tree with its tensors
-                                                       replaced by names, the model version, the RNG state
-                                                       and the applied Train keys
-    manifest.json                                      written last (temporary name, fsync, rename): without
-                                                       it the directory is incomplete and never loaded
+    weights.safetensors        the module's state_dict (services/checkpoint.py)
+    optimizer.safetensors      the tensors of the rank's optimizer state
+    state.json                 the rest of it: the optimizer's tree with its tensors replaced by names,
+                               the model version, the RNG state and the applied Train keys
+    manifest.json              written last (temporary name, fsync, rename): without it the directory
+                               is incomplete and never loaded
 
 The optimizer's state_dict is a tree of dicts, lists, tuples, numbers and
 tensors; `encode_tree` stores it as JSON with every tensor named into the
@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
 FORMAT = "rlhf-training-state/1"
 
 
@@ -83,11 +85,11 @@ def write_json_atomically(path: pathlib.Path, data: dict) -> None:
         os.close(fd)
 
 
-def save_rank_state(directory: pathlib.Path, rank: int, optimizer_state: dict, extra: dict) -> list[str]:
-    """Write rank `rank`'s optimizer state and `extra` (JSON-ready, may hold tensors) into `directory`."""
+def save_rank_state(directory: pathlib.Path, optimizer_state: dict, extra: dict) -> list[str]:
+    """Write one rank's optimizer state and `extra` (JSON-ready, may hold tensors) into `directory`."""
     tensors: dict[str, torch.Tensor] = {}
     tree = {"optimizer": encode_tree(optimizer_state, tensors, "opt"), "extra": encode_tree(extra, tensors, "x")}
-    tensor_file, json_file = directory / f"optimizer-rank{rank}.safetensors", directory / f"state-rank{rank}.json"
+    tensor_file, json_file = directory / OPTIMIZER_FILE, directory / STATE_FILE
     save_file(tensors, str(tensor_file))
     with open(tensor_file, "rb+") as handle:
         os.fsync(handle.fileno())
@@ -95,12 +97,12 @@ def save_rank_state(directory: pathlib.Path, rank: int, optimizer_state: dict, e
     return [tensor_file.name, json_file.name]
 
 
-def load_rank_state(directory: pathlib.Path, rank: int, live_optimizer_state: dict) -> tuple[dict, dict]:
-    """(optimizer state, extra) of rank `rank`, as saved by `save_rank_state`."""
-    data = json.loads((directory / f"state-rank{rank}.json").read_text())
+def load_rank_state(directory: pathlib.Path, live_optimizer_state: dict) -> tuple[dict, dict]:
+    """(optimizer state, extra) as saved by `save_rank_state` into `directory`."""
+    data = json.loads((directory / STATE_FILE).read_text())
     if data.get("format") != FORMAT:
         raise ValueError(f"{directory}: unknown training-state format {data.get('format')!r}")
-    tensors = load_file(str(directory / f"optimizer-rank{rank}.safetensors"))
+    tensors = load_file(str(directory / OPTIMIZER_FILE))
     tree = data["tree"]
     return decode_tree(tree["optimizer"], tensors, live_optimizer_state), decode_tree(tree["extra"], tensors)
 

@@ -44,7 +44,7 @@ def test_a_service_that_loads_its_state_ends_bit_identical_to_one_that_never_sto
         train(a, range(3))
         saved = save(a, "runs/run/step-3", training_state=True)
         assert saved.model_version == 3 and saved.path.endswith("runs/run/step-3/rank-0")
-        assert {"weights.safetensors", "optimizer-rank0.safetensors", "state-rank0.json", "manifest.json"} <= set(
+        assert {"weights.safetensors", "optimizer.safetensors", "state.json", "manifest.json"} <= set(
             saved.files)
         train(a, range(3, 6))
         save(a, "final-a")

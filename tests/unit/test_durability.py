@@ -29,17 +29,17 @@ def test_an_optimizer_state_tree_round_trips_through_safetensors_and_json(tmp_pa
     state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
              "param_groups": [{"lr": 1e-5, "betas": (0.9, 0.95), "foreach": None, "params": [0]}],
              "loss_scaler": live_object, "flat": [torch.arange(4)]}
-    files = training_state.save_rank_state(tmp_path, 1, state, {"version": 7, "rng": torch.get_rng_state()})
-    assert files == ["optimizer-rank1.safetensors", "state-rank1.json"]
-    assert b"pickle" not in (tmp_path / "state-rank1.json").read_bytes()
-    loaded, extra = training_state.load_rank_state(tmp_path, 1, {**state, "loss_scaler": live_object})
+    files = training_state.save_rank_state(tmp_path, state, {"version": 7, "rng": torch.get_rng_state()})
+    assert files == ["optimizer.safetensors", "state.json"]
+    assert b"pickle" not in (tmp_path / "state.json").read_bytes()
+    loaded, extra = training_state.load_rank_state(tmp_path, {**state, "loss_scaler": live_object})
     assert loaded["state"][0]["step"] == 3.0 and torch.equal(loaded["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
     assert list(loaded["state"]) == [0]  # integer keys stay integers
     assert loaded["param_groups"][0]["betas"] == (0.9, 0.95) and loaded["param_groups"][0]["foreach"] is None
     assert loaded["loss_scaler"] is live_object and torch.equal(loaded["flat"][0], torch.arange(4))
     assert extra["version"] == 7 and torch.equal(extra["rng"], torch.get_rng_state())
     with pytest.raises(ValueError, match="another optimizer or ZeRO stage"):
-        training_state.load_rank_state(tmp_path, 1, {**state, "loss_scaler": 1.0})
+        training_state.load_rank_state(tmp_path, {**state, "loss_scaler": 1.0})
 
 
 def test_a_state_directory_without_its_manifest_is_incomplete(tmp_path):

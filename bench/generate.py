@@ -11,13 +11,12 @@ import pathlib
 import tempfile
 import time
 
-import grpc
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services import codec
-from services.channels import GRPC_OPTIONS
+from services.channels import open_channel
 from services.inference import Sampling, left_pad
 from services.launcher import LocalMesh
 
@@ -81,7 +80,7 @@ def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: in
     config = {"policy": {"model": {"path": model_path}, "server": {"num_threads": threads}}}
     with LocalMesh(work / "services", config) as mesh:
         asyncio.run(mesh.wait_ready(300))
-        channel = grpc.insecure_channel(mesh.endpoints["policy"], options=GRPC_OPTIONS)
+        channel = open_channel(mesh.endpoints["policy"], aio=False)
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         time_grpc(stub, prompts, sampling)  # warm-up both sides
         time_local(model, prompts, local_sampling, pad_id, tokenizer.eos_token_id)

@@ -23,7 +23,7 @@ import grpc
 import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
-from services.channels import GRPC_OPTIONS
+from services.channels import open_channel
 from services.launcher import LocalMesh
 
 
@@ -104,7 +104,7 @@ async def alternate(stubs: dict, request, rounds: int, n_requests: int, concurre
 
 
 async def _run(meshes: dict[str, LocalMesh], request, rounds, n_requests, concurrency) -> dict[str, list[float]]:
-    channels = {n: grpc.aio.insecure_channel(m.endpoints["reward"], options=GRPC_OPTIONS) for n, m in meshes.items()}
+    channels = {n: open_channel(m.endpoints["reward"]) for n, m in meshes.items()}
     try:
         stubs = {n: reward_pb2_grpc.RewardServiceStub(c) for n, c in channels.items()}
         return await alternate(stubs, request, rounds, n_requests, concurrency)

@@ -15,6 +15,7 @@ from rlhf.v1 import (
     reward_pb2_grpc,
     value_pb2_grpc,
 )
+from services.config import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,13 @@ class ServiceClients:
     """
 
     def __init__(self, endpoints: dict[str, str], timeout: float = 600.0, retries: int = 3,
-                 probe_seconds: float = 2.0, wait_seconds: float = 600.0):
-        """wait_seconds: how long a call keeps retrying an unavailable service (or waits for a replica)."""
+                 probe_seconds: float = 2.0, wait_seconds: float = 600.0, security: ClientSecurity | None = None):
+        """wait_seconds: how long a call keeps retrying an unavailable service (or waits for a replica);
+        security: TLS and bearer token of the channels."""
         self.outage = Outage()
         self.watch = InstanceWatch()
         self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds, wait_seconds=wait_seconds,
-                                     outage=self.outage)
+                                     outage=self.outage, security=security)
                       for role, target in endpoints.items()}
         for role, pool in self.pools.items():
             pool.on_reply = functools.partial(self.watch.check, role)

@@ -5,13 +5,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from services.config import DEFAULT_PORTS, ListenConfig, Strict, parse, read_yaml
+from services.config import DEFAULT_PORTS, ClientSecurity, ListenConfig, Strict, parse, read_yaml
 
 TARGET_HELP = ("host:port, a comma-separated list, dns:///host:port (every record of a headless Service) "
                "or kubernetes:///service[.namespace]:port (its EndpointSlices)")
 
 
-class Endpoints(Strict):
+class Endpoints(ClientSecurity):
     """Where each model service's replicas are (see controller/discovery.py for the target forms)."""
 
     policy: str = Field(f"127.0.0.1:{DEFAULT_PORTS['policy']}",

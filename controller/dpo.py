@@ -58,7 +58,7 @@ class DPORunner(Runner):
             sequences=seqs.select(idx).to_pb()), lambda s: s.LogProbs,
             lambda reply: codec.ragged_from_pb(reply.logprobs, "reference.logprobs"))
         ref_logps = torch.stack([row.sum() for row in ref]).float()  # (2N,)
-        key = common_pb2.TrainKey(run_id=self.run_id, step=self.step_count, minibatch_index=0)
+        key = self.train_key(self.step_count, 0)
 
         def request_for(pair_index: list[int]) -> policy_pb2.PolicyTrainRequest:
             rows = [2 * i + side for i in pair_index for side in (0, 1)]

@@ -17,12 +17,13 @@
 
 import asyncio
 import logging
+import pathlib
 from typing import Callable
 
 from google.protobuf import json_format
 
 from controller.config import ControllerConfig
-from controller.durability import TRAINED, ResumeRefused, RunDirectory, RunStopped, ServiceRestarted, service_state_path
+from controller.durability import TRAINED, ResumeRefused, RunDirectory, RunStopped, ServiceRestarted, service_state_name
 from rlhf.v1 import common_pb2, controller_pb2
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,9 @@ class Driver:
     async def save(self) -> None:
         """Write a run checkpoint at the runner's current step (services first, the controller's file last)."""
         step, run_id = self.runner.step_count, self.runner.run_id
-        path = service_state_path(run_id, step)
-        request = common_pb2.SaveCheckpointRequest(path=path, training_state=True, keep=self.cfg.checkpoint.keep + 1)
+        path = service_state_name(step)
+        request = common_pb2.SaveCheckpointRequest(path=path, training_state=True, keep=self.cfg.checkpoint.keep + 1,
+                                                   lease=self.runner.lease(), overwrite=True)
         services = {}
         for role in self.trained_roles():  # keep + 1: the newest may not be referenced by a checkpoint yet
             ranks = self.clients.ranks(role)
@@ -80,7 +82,9 @@ class Driver:
             if ranks != saved["ranks"]:
                 raise ResumeRefused(f"{role} runs {ranks} data-parallel rank(s); the checkpoint of step "
                                     f"{checkpoint['step']} was made with {saved['ranks']}")
-            request = common_pb2.LoadCheckpointRequest(path=saved["path"])
+            # a name under the run's directory (older checkpoints stored runs/<run_id>/NAME)
+            request = common_pb2.LoadCheckpointRequest(path=pathlib.PurePath(saved["path"]).name,
+                                                       lease=self.runner.lease())
             replies = await self.clients.each_rank(role, lambda s: s.LoadCheckpoint, [request] * ranks)
             got = {reply.model_version for reply in replies}
             if got != {saved["model_version"]}:
@@ -108,7 +112,7 @@ class Driver:
                 raise ResumeRefused(f"{role} has applied {version} optimizer step(s) already: start it afresh, or "
                                     "continue the run that trained it with --resume")
         self.clients.watch.reset(infos, trained)
-        self.files.start(self.runner.run_id, self.cfg.algorithm)
+        self.files.start(self.runner.run_id, self.cfg.algorithm, self.runner.lease_secret)
         await self.save()
 
     # ---- the loop ----------------------------------------------------------------------------

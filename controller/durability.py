@@ -58,9 +58,9 @@ def decode_generator(generator: torch.Generator, text: str) -> None:
     generator.set_state(torch.tensor(list(base64.b64decode(text)), dtype=torch.uint8))
 
 
-def service_state_path(run_id: str, step: int) -> str:
-    """Where (under its checkpoint_dir) a trained service keeps its state for step `step` of a run."""
-    return f"runs/{run_id}/step-{step}"
+def service_state_name(step: int) -> str:
+    """The name of a trained service's state for step `step` (it lives in checkpoint_dir/runs/<run_id>/)."""
+    return f"step-{step}"
 
 
 class StatsLog:
@@ -101,12 +101,13 @@ class RunDirectory:
         path = self.root / "run.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
-    def start(self, run_id: str, algorithm: str) -> None:
-        """Record a new run here, with an empty stats log."""
+    def start(self, run_id: str, algorithm: str, lease_secret: str) -> None:
+        """Record a new run here, with an empty stats log; the lease secret stays here for a resume."""
         for old in self.checkpoints.glob("step-*.json"):
             old.unlink()
         self.stats.truncate(0)
-        write_json_atomically(self.root / "run.json", {"run_id": run_id, "algorithm": algorithm})
+        write_json_atomically(self.root / "run.json", {"run_id": run_id, "algorithm": algorithm,
+                                                       "lease_secret": lease_secret})
 
     def _files(self) -> list[tuple[int, pathlib.Path]]:
         """(step, path) of every checkpoint file, oldest first."""

@@ -14,6 +14,8 @@ import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
+from services.channels import open_channel
+from services.config import ClientSecurity
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,10 @@ def _requests(pairs: list[Pair], chunk: int):
             prompts=[p.prompt for p in part], chosen=[p.chosen for p in part], rejected=[p.rejected for p in part]))
 
 
-def compare(target: str, pairs: list[Pair], chunk: int = 64, timeout: float = 600.0) -> tuple[torch.Tensor, torch.Tensor]:
+def compare(target: str, pairs: list[Pair], chunk: int = 64, timeout: float = 600.0,
+            security: ClientSecurity | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (chosen (N,), rejected (N,)) from the RewardService at `target`, streamed in chunks."""
-    with grpc.insecure_channel(target) as channel:
+    with open_channel(target, security, aio=False) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         chosen, rejected = [], []
         try:
@@ -171,7 +174,8 @@ def render_agreement(a: str, b: str, result: dict) -> str:
 
 
 def eval_rm(target: str, data: str, against: str | None = None, n_examples: int = 3, chunk: int = 64,
-            skip_bad_rows: bool = False, limit: int | None = None) -> tuple[dict, str]:
+            skip_bad_rows: bool = False, limit: int | None = None,
+            security: ClientSecurity | None = None) -> tuple[dict, str]:
     """Run `rlhf eval-rm`: returns (JSON-ready result, text report)."""
     from training.datasets import load_pairs, to_pairs
 
@@ -179,7 +183,7 @@ def eval_rm(target: str, data: str, against: str | None = None, n_examples: int 
     pairs = [Pair(p.prompt, p.chosen, p.rejected) for p in to_pairs(records)][:limit]
     if not pairs:
         raise ValueError(f"{data}: no preference pairs")
-    scores = compare(target, pairs, chunk)
+    scores = compare(target, pairs, chunk, security=security)
     summary = summarize(*scores)
     result = {"target": target, "data": data, "skipped_rows": report.skipped, **summary,
               "examples": examples(pairs, *scores, n_examples)}
@@ -187,7 +191,7 @@ def eval_rm(target: str, data: str, against: str | None = None, n_examples: int 
     if report.skipped:
         text = f"skipped {report.skipped} malformed rows of {report.total}\n" + text
     if against:
-        other = compare(against, pairs, chunk)
+        other = compare(against, pairs, chunk, security=security)
         result["against"] = {"target": against, **summarize(*other), **agreement(pairs, scores, other)}
         text += "\n\n" + render(against, result["against"], []) + "\n\n" + render_agreement(target, against, result["against"])
     return result, text

@@ -7,6 +7,7 @@ functions of controller.ppo.
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -222,11 +223,22 @@ class Runner:
         self.cfg = cfg
         self.clients = clients
         self.run_id = cfg.run_id or uuid.uuid4().hex[:12]
+        # the run's lease on the trainers (TrainKey.secret): never shown by Status, kept in run.json for a resume
+        self.lease_secret = secrets.token_hex(16)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self.policy_version = 0
         self.last_stats: dict = {}
         self.phase = "idle"
+
+    def train_key(self, step: int, minibatch_index: int) -> common_pb2.TrainKey:
+        """The idempotency key of one Train request of this run, with the run's lease secret."""
+        return common_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=minibatch_index,
+                                   secret=self.lease_secret)
+
+    def lease(self) -> common_pb2.Lease:
+        """The run's lease, for checkpoint requests and Release."""
+        return common_pb2.Lease(run_id=self.run_id, secret=self.lease_secret)
 
     def state_dict(self) -> dict:
         """The runner's state between two steps, as JSON-ready data."""
@@ -299,7 +311,7 @@ class PPORunner(Runner):
             order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
             for mb in range(n_minibatches):
                 index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
-                key = common_pb2.TrainKey(run_id=self.run_id, step=step, minibatch_index=epoch * n_minibatches + mb)
+                key = self.train_key(step, epoch * n_minibatches + mb)
                 p, v = await self._train_minibatch(exp, key, index)
                 policy_replies.append(p)
                 value_replies.append(v)

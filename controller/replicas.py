@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from controller.discovery import Discovery, DiscoveryError, DnsDiscovery, parse_target
 from rlhf.v1 import common_pb2
-from services.channels import GRPC_OPTIONS
+from services.channels import open_channel
+from services.config import ClientSecurity
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,11 @@ class Replicas:
 
     def __init__(self, role: str, target: str, stub_class, timeout: float = 600.0, retries: int = 3,
                  probe_seconds: float = 2.0, discovery: Discovery | None = None, wait_seconds: float = 600.0,
-                 outage: Outage | None = None):
+                 outage: Outage | None = None, security: ClientSecurity | None = None):
         """timeout: deadline of each call; retries: of RESOURCE_EXHAUSTED; wait_seconds: how long calls keep
         retrying an unavailable service (and wait for a replica when none serves)."""
         self.outage = outage or Outage()
+        self.security = security
         self.on_reply: Callable[[object], None] | None = None  # sees every successful reply (restart detection)
         self.role = role
         self.target = target
@@ -121,7 +123,7 @@ class Replicas:
         for address in current:
             if address not in self.channels:  # the first resolution is routine; later ones are news
                 log.log(logging.INFO if self._synced else logging.DEBUG, "%s replica %s discovered", self.role, address)
-                self.channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+                self.channels[address] = open_channel(address, self.security)
                 self.stubs[address] = self.stub_class(self.channels[address])
                 self.down.add(address)  # until a health check says SERVING
         self._synced = True

@@ -4,11 +4,17 @@ import grpc
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
+from services.channels import open_channel
+from services.config import ClientSecurity
 
 
-def score_text(target: str, prompt: str, response: str, timeout: float = 30.0) -> float:
-    """Score one (prompt, response) with the RewardService at `target`; RuntimeError on failure."""
-    with grpc.insecure_channel(target) as channel:
+def score_text(target: str, prompt: str, response: str, timeout: float = 30.0,
+               security: ClientSecurity | None = None) -> float:
+    """Score one (prompt, response) with the RewardService at `target`; RuntimeError on failure.
+
+    security: TLS and the bearer token (default: $RLHF_TOKEN).
+    """
+    with open_channel(target, security, aio=False) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         request = reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(prompts=[prompt], responses=[response]))
         try:

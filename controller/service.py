@@ -100,7 +100,7 @@ async def start_controller_server(servicer: ControllerServicer):
     name = controller_pb2.DESCRIPTOR.services_by_name["ControllerService"].full_name
     server, health_servicer, port = build_server(
         [(servicer, controller_pb2_grpc.add_ControllerServiceServicer_to_server)], [name],
-        [servicer.metrics.interceptor], s.host, s.port)
+        [servicer.metrics.interceptor], s, s.port)
     servicer.metrics.serve(s.host, metrics_port(s.metrics_port, s.port, "controller"))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -109,9 +109,9 @@ async def start_controller_server(servicer: ControllerServicer):
 
 async def connect(cfg: ControllerConfig) -> ServiceClients:
     """Clients of the run's services, once all report SERVING and share a tokenizer."""
-    endpoints = {role: addr for role, addr in cfg.services.model_dump().items() if role in cfg.roles()}
+    endpoints = {role: getattr(cfg.services, role) for role in cfg.roles()}
     clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds,
-                             cfg.services.restart_timeout_seconds)
+                             cfg.services.restart_timeout_seconds, security=cfg.services)
     try:
         await clients.wait_ready(cfg.ready_timeout_seconds)
         check_shared_tokenizer(await clients.infos())
@@ -132,11 +132,25 @@ def check_minibatches(cfg: ControllerConfig, clients: ServiceClients) -> None:
 
 
 async def save_final(clients: ServiceClients, path: str) -> dict[str, str]:
-    """SaveCheckpoint on the trainable services (rank 0 of a group: every rank holds the same weights)."""
-    request = common_pb2.SaveCheckpointRequest(path=path)
+    """SaveCheckpoint on the trainable services (rank 0 of a group: every rank holds the same weights).
+
+    The name is the config's: each run replaces the checkpoint of that name.
+    """
+    request = common_pb2.SaveCheckpointRequest(path=path, overwrite=True)
     roles = [r for r in ("policy", "value") if r in clients.roles]
     replies = await asyncio.gather(*(clients.on_rank(r, 0, lambda s: s.SaveCheckpoint, request) for r in roles))
     return {role: reply.path for role, reply in zip(roles, replies)}
+
+
+async def release(clients: ServiceClients, lease: common_pb2.Lease) -> None:
+    """End the finished run's lease on every rank of the trained services, so the next run need not wait for
+    it to expire; a failure only delays the next run, so it is logged."""
+    request = common_pb2.ReleaseRequest(lease=lease)
+    for role in (r for r in ("policy", "value") if r in clients.roles):
+        try:
+            await clients.each_rank(role, lambda s: s.Release, [request] * clients.ranks(role))
+        except Exception as error:  # noqa: BLE001 - the lease then expires by itself
+            log.warning("could not release the %s lease (%s); it expires after training.lease_seconds", role, error)
 
 
 def load_data(cfg: ControllerConfig) -> dict:
@@ -187,6 +201,8 @@ async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], 
     try:
         clients = servicer.clients = await connect(cfg)
         runner = servicer.runner = make_runner(cfg, clients, data)
+        if checkpoint is not None:  # the resumed run keeps its lease on the trainers
+            runner.lease_secret = (files.run_info() or {}).get("lease_secret", runner.lease_secret)
         driver = servicer.driver = Driver(cfg, servicer, runner, files, on_step)
         if handle_sigterm:
             loop.add_signal_handler(signal.SIGTERM, driver.request_stop)
@@ -196,6 +212,7 @@ async def run_controller(cfg: ControllerConfig, on_step: Callable[[StepResult], 
         await driver.run()
         if cfg.save_checkpoint:
             log.info("checkpoints: %s", await save_final(clients, cfg.save_checkpoint))
+        await release(clients, runner.lease())
         servicer.state = "finished"
         return runner
     except BaseException as error:

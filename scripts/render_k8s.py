@@ -13,7 +13,8 @@
    engine (helm-python-sdk): base/ (the chart's default values), overlays/cpu/
    (JSON-patches from base to examples/values-cpu.yaml) and monitoring/
    (ServiceMonitors and the PrometheusRule, for clusters with the Prometheus
-   Operator).
+   Operator). All three use the token Secret rlhf-auth (K8S_VALUES), which
+   the user creates: no random tokens in k8s/.
 """
 
 import json
@@ -36,6 +37,11 @@ CHART_FILES = [
     ("monitoring/prometheus/alerts.yml", "files/prometheus/alerts.yml"),
 ]
 
+# k8s/ is rendered with these values over each values set: the tokens come
+# from a Secret the user creates (docs/kubernetes.md "Security"), so the
+# manifests hold no secret and render the same every time.
+K8S_VALUES = {"auth": {"existingSecret": "rlhf-auth"}}
+
 # Fields the chart sets itself (from `ports` and `model.source`); the schema
 # rejects them under `<component>.config`.
 CHART_OWNED = {
@@ -57,6 +63,16 @@ def render(values: dict | None = None, *, name: str = RELEASE, namespace: str = 
         manifests = loaded.render(values, name=name, namespace=namespace, is_install=True)
     return {path: [doc for doc in yaml.safe_load_all(text) if doc]
             for path, text in sorted(manifests.items()) if not path.endswith("NOTES.txt")}
+
+
+def for_k8s(values: dict | None) -> dict:
+    """`values` with K8S_VALUES merged in (maps merged key by key, K8S_VALUES winning)."""
+    def merged(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            out[key] = merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+        return out
+    return merged(values or {}, K8S_VALUES)
 
 
 def objects(rendered: dict[str, list[dict]]) -> list[dict]:
@@ -185,13 +201,13 @@ def _plain(rendered: dict[str, list[dict]], keep) -> dict[str, list[dict]]:
 def k8s_files() -> dict[pathlib.Path, str]:
     """Every file under k8s/: base, the CPU overlay and the monitoring add-on."""
     files: dict[pathlib.Path, str] = {}
-    base = _plain(render(), lambda o: not is_monitoring(o))
+    base = _plain(render(for_k8s(None)), lambda o: not is_monitoring(o))
     for name, objs in base.items():
         files[K8S / "base" / name] = _dump_all(objs)
     files[K8S / "base" / "kustomization.yaml"] = _kustomization(namespace=NAMESPACE, resources=sorted(base))
 
     cpu_values = yaml.safe_load(CPU_VALUES.read_text())
-    cpu = {object_key(o): o for o in objects(_plain(render(cpu_values), lambda o: not is_monitoring(o)))}
+    cpu = {object_key(o): o for o in objects(_plain(render(for_k8s(cpu_values)), lambda o: not is_monitoring(o)))}
     base_objs = {object_key(o): o for o in objects(base)}
     if cpu.keys() != base_objs.keys():
         raise SystemExit(f"{CPU_VALUES.name} changes which objects exist ({sorted(cpu.keys() ^ base_objs.keys())}); "
@@ -208,7 +224,7 @@ def k8s_files() -> dict[pathlib.Path, str]:
     files[K8S / "overlays" / "cpu" / "kustomization.yaml"] = _kustomization(resources=["../../base"], patches=patches)
 
     monitoring_values = {"metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}
-    monitoring = _plain(render(monitoring_values), is_monitoring)
+    monitoring = _plain(render(for_k8s(monitoring_values)), is_monitoring)
     for name, objs in monitoring.items():
         files[K8S / "monitoring" / name] = _dump_all(objs)
     files[K8S / "monitoring" / "kustomization.yaml"] = _kustomization(namespace=NAMESPACE, resources=sorted(monitoring))

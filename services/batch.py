@@ -21,12 +21,15 @@ class ModelLimits:
     vocab_size: int
     max_length: int
     max_batch: int = 4096  # rows per request; servers set it from batching.max_request_rows
+    max_tokens: int = 1 << 20  # rows x longest row per request; servers set it from batching.max_request_tokens
 
 
 def check_token_rows(rows: list[torch.Tensor], field: str, limits: ModelLimits) -> list[torch.Tensor]:
-    """Validate token-id rows (range, length, batch size); return them as int64."""
+    """Validate token-id rows (range, length, batch size, token budget); return them as int64."""
     if len(rows) > limits.max_batch:
         raise InvalidArgument(f"{field}.lengths", f"{len(rows)} rows exceed the limit of {limits.max_batch}")
+    if rows:
+        check_budget(len(rows), max(int(r.numel()) for r in rows), f"{field}.lengths", limits.max_tokens)
     for i, row in enumerate(rows):
         if row.numel() == 0:
             raise InvalidArgument(f"{field}.lengths[{i}]", "empty sequence")
@@ -41,7 +44,7 @@ def check_token_rows(rows: list[torch.Tensor], field: str, limits: ModelLimits) 
 
 def tokens_from_pb(pb: tensor_pb2.RaggedTensor, field: str, limits: ModelLimits) -> list[torch.Tensor]:
     """Decode and validate ragged token ids."""
-    rows = codec.ragged_from_pb(pb, field, allowed=codec.INT_DTYPES)
+    rows = codec.ragged_from_pb(pb, field, allowed=codec.INT_DTYPES, max_rows=limits.max_batch)
     return check_token_rows(rows, field, limits)
 
 
@@ -108,3 +111,28 @@ class Sequences:
 def chunks(n: int, size: int) -> list[list[int]]:
     """Index lists [0..size), [size..2*size), ... covering range(n)."""
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def budget_chunks(lengths: list[int], size: int, tokens: int) -> list[list[int]]:
+    """Consecutive index lists of at most `size` rows whose padded size (rows x longest row) stays within
+    `tokens`; a row longer than the budget goes alone."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    width = 0
+    for i, n in enumerate(lengths):
+        wider = max(width, n)
+        if current and (len(current) >= size or wider * (len(current) + 1) > tokens):
+            out.append(current)
+            current, wider = [], n
+        current.append(i)
+        width = wider
+    if current:
+        out.append(current)
+    return out
+
+
+def check_budget(rows: int, width: int, field: str, budget: int) -> None:
+    """Refuse a request whose padded size (rows x longest row, in tokens) exceeds batching.max_request_tokens."""
+    if rows * width > budget:
+        raise InvalidArgument(field, f"{rows} rows x {width} tokens = {rows * width} exceeds the request budget of "
+                              f"{budget} tokens (batching.max_request_tokens)")

@@ -5,6 +5,12 @@ max_wait_ms for company, merges requests with the same key while the batch
 stays within max_batch_size rows and max_batch_tokens tokens, and runs the
 merged batch on the model thread. A full queue is RESOURCE_EXHAUSTED.
 
+Handlers take an `admit()` slot before they decode or tokenise a request:
+at most max_queue requests of one batcher are in progress (being decoded,
+queued or running), and the one beyond is refused at once, before any work
+is spent on it, so that an overloaded service answers refusals in
+milliseconds and keeps its throughput.
+
 A request whose call was cancelled or whose deadline passed (`alive()` is
 False) is dropped before it runs; while a batch runs, `batch_alive()` tells
 the model call whether any of its requests still wants the result, so a long
@@ -13,6 +19,7 @@ call (generation) can stop early.
 
 import asyncio
 import collections
+import contextlib
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -59,6 +66,8 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self.batch_alive: Callable[[], bool] = _always  # whether the running batch is still wanted (model thread)
         self.dropped = 0  # requests dropped unrun because their caller had gone
+        self.admitted = 0  # requests holding an admit() slot now
+        self.refused = 0  # requests refused by admit() because max_queue were in progress
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, tokens) hook for metrics
         self.on_result: Callable[[list, float], None] | None = None  # (results, seconds) hook, on the model thread
 
@@ -68,6 +77,19 @@ class Batcher:
         if self.on_result:
             self.on_result(results, time.perf_counter() - start)
         return results
+
+    @contextlib.contextmanager
+    def admit(self):
+        """A slot for one request, held while it is decoded, queued and run; Overloaded when none is free."""
+        if self.admitted >= self._cfg.max_queue:
+            self.refused += 1
+            raise Overloaded(f"{self.admitted} requests in progress; the queue holds {self._cfg.max_queue} "
+                             "(batching.max_queue)")
+        self.admitted += 1
+        try:
+            yield
+        finally:
+            self.admitted -= 1
 
     def depth(self) -> int:
         """Requests waiting, not counting the batch running now."""

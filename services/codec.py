@@ -69,11 +69,15 @@ def ragged_to_pb(rows: list[torch.Tensor], dtype: torch.dtype | None = None) -> 
     return tensor_pb2.RaggedTensor(values=tensor_to_pb(values), lengths=[int(r.numel()) for r in rows])
 
 
-def ragged_from_pb(pb: tensor_pb2.RaggedTensor, field: str, allowed=None, finite: bool = False) -> list[torch.Tensor]:
-    """Decode and validate a RaggedTensor into a list of 1-D rows."""
-    lengths = list(pb.lengths)
-    if not lengths:
+def ragged_from_pb(pb: tensor_pb2.RaggedTensor, field: str, allowed=None, finite: bool = False,
+                   max_rows: int | None = None) -> list[torch.Tensor]:
+    """Decode and validate a RaggedTensor into a list of 1-D rows; more than `max_rows` rows is refused
+    before any row is built."""
+    if not pb.lengths:
         raise InvalidArgument(f"{field}.lengths", "empty batch")
+    if max_rows is not None and len(pb.lengths) > max_rows:
+        raise InvalidArgument(f"{field}.lengths", f"{len(pb.lengths)} rows exceed the limit of {max_rows}")
+    lengths = list(pb.lengths)
     if any(n < 0 for n in lengths):
         raise InvalidArgument(f"{field}.lengths", "negative row length")
     values = tensor_from_pb(pb.values, f"{field}.values", allowed=allowed, ndim=1)
@@ -84,13 +88,29 @@ def ragged_from_pb(pb: tensor_pb2.RaggedTensor, field: str, allowed=None, finite
     return list(torch.split(values, lengths))
 
 
-def float_rows_from_pb(pb, field: str, expected_lengths: list[int], finite: bool = True) -> list[torch.Tensor]:
-    """Decode per-token float rows that must match `expected_lengths`; as float32."""
+def float_rows_from_pb(pb, field: str, expected_lengths: list[int], finite: bool = True,
+                       bound: float | None = None) -> list[torch.Tensor]:
+    """Decode per-token float rows that must match `expected_lengths`; as float32.
+
+    finite: NaN and infinity are refused; bound: so is any magnitude above it.
+    """
+    if len(pb.lengths) != len(expected_lengths):
+        raise InvalidArgument(f"{field}.lengths", f"{len(pb.lengths)} rows for {len(expected_lengths)} sequences")
     rows = ragged_from_pb(pb, field, allowed=FLOAT_DTYPES, finite=finite)
     lengths = [int(r.numel()) for r in rows]
     if lengths != list(expected_lengths):
         raise InvalidArgument(f"{field}.lengths", f"expected one value per response token {list(expected_lengths)}, got {lengths}")
-    return [r.float() for r in rows]
+    rows = [r.float() for r in rows]
+    if bound is not None:
+        check_bound(torch.cat(rows), field, bound)
+    return rows
+
+
+def check_bound(values: torch.Tensor, field: str, bound: float) -> None:
+    """Refuse values whose magnitude exceeds `bound` (training.max_abs_input)."""
+    if values.numel() and float(values.abs().max()) > bound:
+        raise InvalidArgument(f"{field}.values", f"magnitude {float(values.abs().max()):.3g} exceeds the limit of "
+                              f"{bound:g} (training.max_abs_input)")
 
 
 def pad_rows(rows: list[torch.Tensor], pad_value=0.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,10 @@ import pathlib
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Role = Literal["policy", "reference", "reward", "value"]
+Scope = Literal["score", "infer", "train", "admin"]
 
 DEFAULT_PORTS = {"controller": 50050, "policy": 50051, "reference": 50052, "reward": 50053, "value": 50054}
 DEFAULT_METRICS_PORTS = {"controller": 9400, "policy": 9401, "reference": 9402, "reward": 9403, "value": 9404}
@@ -43,7 +44,14 @@ class BatchingConfig(Strict):
     max_batch_tokens: int = Field(32768, ge=1, description="Most tokens (sum of row lengths) in one model call")
     max_wait_ms: float = Field(2.0, ge=0, description="How long a batch waits for more requests, in milliseconds")
     max_queue: int = Field(256, ge=1, description="Requests waiting beyond this get RESOURCE_EXHAUSTED")
-    max_request_rows: int = Field(4096, ge=1, description="Most rows in one request")
+    max_request_rows: int = Field(4096, ge=1, description="Most rows in one request (every RPC, Tokenize included)")
+    max_request_tokens: int = Field(
+        1 << 20, ge=1, description="Token budget of one request: rows x its longest row (with max_new_tokens for "
+        "Generate); a larger request is INVALID_ARGUMENT")
+    max_text_bytes: int = Field(
+        64 * 1024, ge=1, description="Most UTF-8 bytes in one text (prompt, response), checked before tokenising")
+    max_request_text_bytes: int = Field(
+        8 * 1024 * 1024, ge=1, description="Most UTF-8 bytes of text in one request, checked before tokenising")
 
 
 class TrainingConfig(Strict):
@@ -56,6 +64,15 @@ class TrainingConfig(Strict):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 disables")
     zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
     micro_batch_size: int = Field(8, ge=1, description="Default sequences per forward/backward pass")
+    max_micro_batch_tokens: int = Field(
+        8192, ge=1, description="Token budget of one forward/backward pass (rows x longest row): a request's "
+        "micro-batches are made smaller until they fit, whatever micro_batch_size it asks for")
+    max_abs_input: float = Field(
+        1e6, gt=0, description="Largest magnitude a Train request may send in advantages, returns, old values, "
+        "old log-probs and DPO reference log-probs (INVALID_ARGUMENT beyond it)")
+    lease_seconds: float = Field(
+        600.0, gt=0, description="How long a run's lease on this trainer lasts after its last Train, "
+        "SaveCheckpoint or LoadCheckpoint; meanwhile other runs' Train keys are refused")
     idempotency_cache: int = Field(
         4096, ge=1, description="Applied Train results kept for replay; an older key of the same run is refused, "
         "never applied again")
@@ -69,10 +86,51 @@ class TrainingConfig(Strict):
     )
 
 
-class ListenConfig(Strict):
-    """Where a process listens: its gRPC address and its Prometheus /metrics port (services and controller)."""
+class ServerTLSConfig(Strict):
+    """TLS of a gRPC server; with client_ca_file, mutual TLS (clients must present a certificate)."""
 
-    host: str = Field("0.0.0.0", description="Address to listen on")
+    cert_file: str = Field(description="PEM certificate chain the server presents")
+    key_file: str = Field(description="PEM private key of cert_file")
+    client_ca_file: str | None = Field(
+        None, description="PEM CA bundle; when set, every client must present a certificate it signed (mutual TLS)")
+    reload_seconds: float = Field(
+        60.0, ge=0, description="How often new connections check the files for a renewed certificate; 0 never")
+
+
+class TokenConfig(Strict):
+    """One bearer token a server accepts: its SHA-256 (or a file holding the token) and its scopes."""
+
+    name: str = Field(description="Who holds it (appears in logs, never the token)")
+    scopes: list[Scope] = Field(min_length=1, description="score, infer, train and/or admin")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the token")
+    file: str | None = Field(None, description="A file holding the token itself (a mounted Secret); hashed at start")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.sha256 is None) == (self.file is None):
+            raise ValueError(f"token {self.name!r}: set exactly one of sha256 and file")
+        return self
+
+
+class AuthConfig(Strict):
+    """Bearer-token authentication of a gRPC server: no tokens configured means none is asked for."""
+
+    tokens: list[TokenConfig] = Field(
+        default_factory=list, description="Accepted tokens; each call sends `authorization: Bearer <token>` and "
+        "needs a token with the method's scope (health checks and reflection stay open)")
+
+
+class ListenConfig(Strict):
+    """Where a process listens and who may call it: gRPC address, TLS, tokens, limits, /metrics port."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 for every interface (the chart sets it)")
+    tls: ServerTLSConfig | None = Field(None, description="TLS (mutual with client_ca_file); null serves plain text")
+    auth: AuthConfig = AuthConfig()
+    reflection: bool = Field(True, description="Serve gRPC server reflection (the schema, no data)")
+    max_message_mb: int = Field(64, ge=1, le=2047, description="Largest request message accepted, in MiB")
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, description="RPCs in progress at once (health checks not counted); beyond it a call is "
+        "refused at once with RESOURCE_EXHAUSTED")
     metrics_port: int | None = Field(
         None, ge=-1, le=65535,
         description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default per process "
@@ -89,6 +147,12 @@ class ServerConfig(ListenConfig):
     checkpoint_dir: str | None = Field(
         None, description="SaveCheckpoint paths are relative to this directory; default checkpoints/<role>"
     )
+    checkpoint_max_count: int = Field(
+        64, ge=1, description="Most checkpoints (weights and training states) kept in checkpoint_dir; "
+        "SaveCheckpoint beyond it is RESOURCE_EXHAUSTED")
+    checkpoint_max_gb: float = Field(
+        1024.0, gt=0, description="Most GiB checkpoint_dir may hold; a SaveCheckpoint that would pass it is "
+        "RESOURCE_EXHAUSTED")
     seed: int = Field(0, description="Seed for initialisation and sampling")
 
 
@@ -104,6 +168,31 @@ class ServiceConfig(Strict):
     def grpc_port(self) -> int:
         """The configured port, or the role's default."""
         return DEFAULT_PORTS[self.role] if self.server.port is None else self.server.port
+
+
+class ClientTLSConfig(Strict):
+    """TLS of a client's channels: the CA that signed the servers' certificates, and for mutual TLS its own."""
+
+    ca_file: str | None = Field(None, description="PEM CA bundle the servers' certificates chain to; default: "
+                                "the system's roots")
+    cert_file: str | None = Field(None, description="PEM client certificate (mutual TLS)")
+    key_file: str | None = Field(None, description="PEM private key of cert_file")
+    server_name: str | None = Field(None, description="Name to check the server certificates against, when it "
+                                    "differs from the address dialled")
+
+    @model_validator(mode="after")
+    def _pair(self):
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: cert_file and key_file go together")
+        return self
+
+
+class ClientSecurity(Strict):
+    """How a client (the controller, rlhf score / eval-rm, the benchmarks) reaches secured services."""
+
+    tls: ClientTLSConfig | None = Field(None, description="Connect with TLS; null: plain text")
+    token_file: str | None = Field(
+        None, description="File holding the bearer token to send; default: the RLHF_TOKEN environment variable")
 
 
 class ConfigError(ValueError):

@@ -16,6 +16,7 @@ make on the whole minibatch.
 
 import datetime
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -192,6 +193,10 @@ class TrainEngine:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
+    def _optimizer_skipped(self) -> bool:
+        """Whether DeepSpeed's ZeRO optimizer skipped its last step for inf/NaN gradients."""
+        return bool(getattr(self.engine.optimizer, "overflow", False))
+
     def _idle_loss(self, engine) -> torch.Tensor:
         """A zero loss for a rank with fewer micro-batches than the others.
 
@@ -203,24 +208,32 @@ class TrainEngine:
         out = engine(input_ids=ids, attention_mask=torch.ones_like(ids))
         return getattr(out, "logits", out).float().sum() * 0.0
 
-    def step(self, micro_losses: Sequence[MicroLoss]) -> float:
-        """Forward/backward every micro-batch, then one optimizer step; returns the grad norm.
+    def step(self, micro_losses: Sequence[MicroLoss]) -> tuple[float, bool]:
+        """Forward/backward every micro-batch, then one optimizer step; returns (grad norm, applied).
 
         Every rank of a group runs as many micro-steps as the rank with the most
         (ZeRO reduces gradients per micro-step), the extra ones with a zero loss.
         Losses are multiplied by the world size because DeepSpeed averages the
         all-reduced gradients while each shard's loss is already divided by the
         whole minibatch's normaliser.
+
+        A step whose loss or gradient norm is not finite (on any rank) is not
+        applied: the gradients are dropped and the weights, optimizer state and
+        version stay as they were. Without ZeRO this is checked here before the
+        optimizer runs; ZeRO 1-2 optimizers check the gradients themselves and
+        skip the update.
         """
         micro_losses = list(micro_losses)
         if self.world_size > 1:
             most = int(self._all_reduce([len(micro_losses)], torch.distributed.ReduceOp.MAX)[0])
             micro_losses += [self._idle_loss] * (most - len(micro_losses))
         norm = None
+        finite = True
         last = len(micro_losses) - 1
         for i, loss_fn in enumerate(micro_losses):
             self.engine.set_gradient_accumulation_boundary(i == last)
             loss = loss_fn(self.engine) * self.world_size
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
             try:
                 self.engine.backward(loss, scale_wrt_gas=False)
             except RuntimeError as error:
@@ -229,8 +242,17 @@ class TrainEngine:
                 _group_lost(error)
             if i == last:
                 norm = self._grad_norm()  # before clipping; ZeRO keeps grads elsewhere
+                finite = finite and (norm is None or math.isfinite(norm))
+                if self.world_size > 1:  # every rank skips or none does
+                    finite = self._all_reduce([0.0 if finite else 1.0], torch.distributed.ReduceOp.MAX)[0] == 0
+                if not finite and self.engine.zero_optimization_stage() == 0:
+                    self.engine.zero_grad()
+                    return float("nan") if norm is None else norm, False
             self.engine.step()
         if norm is None:
             norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if self._optimizer_skipped():
+            return norm, False
         self.version += 1
-        return float(norm) if norm is not None else float("nan")
+        return norm, True

@@ -36,12 +36,27 @@ class Refused(RuntimeError):
     already applied whose result is no longer kept, or a checkpoint that is incomplete or of another kind."""
 
 
+class AlreadyExists(RuntimeError):
+    """The request would replace something it did not ask to replace (ALREADY_EXISTS)."""
+
+
+class NotFound(RuntimeError):
+    """The named checkpoint does not exist (NOT_FOUND)."""
+
+
+class OverQuota(RuntimeError):
+    """A configured quota (checkpoint count or bytes) would be passed (RESOURCE_EXHAUSTED)."""
+
+
 _STATUS = (
     (WrongRank, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (GroupRejected, grpc.StatusCode.ABORTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OverQuota, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
 

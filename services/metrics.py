@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import logging
 import time
+from typing import Callable
 
 import grpc
 import prometheus_client
@@ -25,11 +26,12 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.batcher import Batcher
 from services.config import DEFAULT_METRICS_PORTS
+from services.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,18 @@ def metrics_port(configured: int | None, grpc_port: int | None, process: str) ->
 
 
 class MetricsEndpoint:
-    """prometheus_client's HTTP server for one registry, in a daemon thread."""
+    """One registry's exposition over HTTP (text or OpenMetrics, gzip when asked), on a bounded server.
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int):
+    `timeout` (seconds): a connection silent that long is closed, and a request must arrive within it.
+    """
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int, timeout: float = 5.0):
         try:
-            self._server, self._thread = prometheus_client.start_http_server(port, host, registry)
+            self._server = BoundedHTTPServer(prometheus_client.make_wsgi_app(registry), host, port, timeout=timeout)
         except OSError as error:
             raise OSError(f"cannot serve metrics on {host}:{port}: {error.strerror or error} "
                           f"(set server.metrics_port; -1 disables)") from None
-        self.host, self.port = host, self._server.server_port
+        self.host, self.port = host, self._server.port
 
     @property
     def url(self) -> str:
@@ -72,9 +77,7 @@ class MetricsEndpoint:
 
     def close(self) -> None:
         """Stop serving and free the port."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+        self._server.close()
 
 
 class _Method:
@@ -249,6 +252,18 @@ class DeviceMemoryCollector(Collector):
             yield family
 
 
+class CounterFunction(Collector):
+    """A counter whose value a function reads from the service's own count, with a `role` label."""
+
+    def __init__(self, name: str, documentation: str, role: str, read: Callable[[], float]):
+        self.name, self.documentation, self.role, self.read = name, documentation, role, read
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=["role"])
+        family.add_metric([self.role], self.read())
+        yield family
+
+
 class ServiceMetrics:
     """Every metric of one model service process: gRPC, readiness, queues, batches, the model."""
 
@@ -276,6 +291,9 @@ class ServiceMetrics:
         self._generated = Counter("rlhf_tokens_generated_total", "Response tokens sampled.", queue, registry=r)
         self._seconds = Histogram("rlhf_inference_seconds", "Seconds per batched model call.", queue,
                                   buckets=SECONDS_BUCKETS, registry=r)
+        if hasattr(servicer, "skipped_steps"):
+            r.register(CounterFunction("rlhf_train_steps_skipped", "Train steps not applied because their loss or "
+                                       "gradient norm was not finite.", role, lambda: servicer.skipped_steps))
         for attr, value in vars(servicer).items():
             if isinstance(value, Batcher):
                 name = QUEUE_NAMES.get(attr) or ROLE_QUEUES.get(role, attr.removesuffix("_batcher"))

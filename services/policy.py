@@ -1,20 +1,20 @@
 """PolicyService: generation, log-probs and PPO optimizer steps on one copy of the weights."""
 
-import math
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
 from services import codec, objectives
-from services.batch import Sequences, check_token_rows, chunks, tokens_from_pb
+from services.batch import Sequences, budget_chunks, check_budget, check_token_rows, tokens_from_pb
 from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import IGNORE_INDEX, encode_sft_example
 from services.inference import Sampling, generate, response_logits, response_logprobs
 from services.models import LoadedModel
 from services.servicer import TrainableServicer
-from services.validation import check_temperature, micro_batch_size
+from services.validation import MAX_COEF, check_range, check_temperature, check_texts, micro_batch_size
 
 
 def sampling_from_pb(pb: policy_pb2.SamplingParams, room: int) -> Sampling:
@@ -24,8 +24,7 @@ def sampling_from_pb(pb: policy_pb2.SamplingParams, room: int) -> Sampling:
         raise InvalidArgument("sampling.max_new_tokens", f"must be in [1, {room}] for these prompts, got {pb.max_new_tokens}")
     if pb.top_k < 0:
         raise InvalidArgument("sampling.top_k", f"must be >= 0, got {pb.top_k}")
-    if not (math.isfinite(pb.top_p) and 0 <= pb.top_p <= 1):
-        raise InvalidArgument("sampling.top_p", f"must be in [0, 1], got {pb.top_p}")
+    check_range(pb.top_p, "sampling.top_p", 0.0, 1.0)
     return Sampling(temperature, pb.max_new_tokens, pb.top_k, pb.top_p or 1.0, pb.seed)
 
 
@@ -41,16 +40,14 @@ class PPOBatch:
     temperature: float
 
 
-def ppo_from_pb(pb: policy_pb2.PPOObjective, limits) -> PPOBatch:
-    """Decode and validate a PPO minibatch."""
+def ppo_from_pb(pb: policy_pb2.PPOObjective, limits, bound: float) -> PPOBatch:
+    """Decode and validate a PPO minibatch; `bound` is training.max_abs_input."""
     seqs = Sequences.from_pb(pb.sequences, "ppo.sequences", limits)
     lengths = seqs.response_lengths
-    old = codec.float_rows_from_pb(pb.old_logprobs, "ppo.old_logprobs", lengths)
-    adv = codec.float_rows_from_pb(pb.advantages, "ppo.advantages", lengths)
-    if not (math.isfinite(pb.clip_range) and pb.clip_range > 0):
-        raise InvalidArgument("ppo.clip_range", f"must be > 0, got {pb.clip_range}")
-    if not math.isfinite(pb.entropy_coef):
-        raise InvalidArgument("ppo.entropy_coef", "must be finite")
+    old = codec.float_rows_from_pb(pb.old_logprobs, "ppo.old_logprobs", lengths, bound=bound)
+    adv = codec.float_rows_from_pb(pb.advantages, "ppo.advantages", lengths, bound=bound)
+    check_range(pb.clip_range, "ppo.clip_range", 0.0, MAX_COEF, low_open=True)
+    check_range(pb.entropy_coef, "ppo.entropy_coef", -MAX_COEF, MAX_COEF)
     temperature = check_temperature(pb.temperature, "ppo.temperature") or 1.0
     return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature)
 
@@ -69,8 +66,8 @@ class DPOBatch:
         return len(self.seqs) // 2
 
 
-def dpo_from_pb(pb: policy_pb2.DPOObjective, limits) -> DPOBatch:
-    """Decode and validate a DPO minibatch."""
+def dpo_from_pb(pb: policy_pb2.DPOObjective, limits, bound: float) -> DPOBatch:
+    """Decode and validate a DPO minibatch; `bound` is training.max_abs_input."""
     seqs = Sequences.from_pb(pb.sequences, "dpo.sequences", limits)
     if len(seqs) % 2:
         raise InvalidArgument("dpo.sequences", f"{len(seqs)} rows: expected chosen/rejected pairs (an even count)")
@@ -79,26 +76,26 @@ def dpo_from_pb(pb: policy_pb2.DPOObjective, limits) -> DPOBatch:
         raise InvalidArgument("dpo.reference_logps.shape", f"expected ({len(seqs)},), got {tuple(ref.shape)}")
     if not torch.isfinite(ref).all():
         raise InvalidArgument("dpo.reference_logps", "contains NaN or infinity")
-    if not (math.isfinite(pb.beta) and pb.beta > 0):
-        raise InvalidArgument("dpo.beta", f"must be > 0, got {pb.beta}")
+    codec.check_bound(ref.float(), "dpo.reference_logps", bound)
+    check_range(pb.beta, "dpo.beta", 0.0, MAX_COEF, low_open=True)
     if not 0 <= pb.label_smoothing < 0.5:
         raise InvalidArgument("dpo.label_smoothing", f"must be in [0, 0.5), got {pb.label_smoothing}")
     return DPOBatch(seqs, ref.float(), pb.beta, pb.label_smoothing)
 
 
-def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel) -> tuple[list[torch.Tensor], float]:
+def ptx_from_pb(pb: policy_pb2.PtxBatch, m: LoadedModel, batching) -> tuple[list[torch.Tensor], float]:
     """Decode PPO-ptx pretraining rows (each >= 2 tokens) and their weight gamma."""
+    check_range(pb.coef, "ptx.coef", 0.0, MAX_COEF)
     if pb.WhichOneof("source") == "texts":
         if not pb.texts.texts:
             raise InvalidArgument("ptx.texts", "empty batch")
+        check_texts([("ptx.texts", pb.texts.texts)], batching)
         encoded = m.tokenizer(list(pb.texts.texts), add_special_tokens=False, truncation=True, max_length=m.limits.max_length)
         rows = check_token_rows([torch.tensor(ids, dtype=torch.long) for ids in encoded["input_ids"]], "ptx.texts", m.limits)
     else:
         rows = tokens_from_pb(pb.tokens, "ptx.tokens", m.limits)
     if any(r.numel() < 2 for r in rows):
         raise InvalidArgument("ptx", "every pretraining row needs >= 2 tokens")
-    if not (math.isfinite(pb.coef) and pb.coef >= 0):
-        raise InvalidArgument("ptx.coef", f"must be finite and >= 0, got {pb.coef}")
     return rows, pb.coef
 
 
@@ -121,10 +118,11 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             return tokens_from_pb(request.prompt_tokens, "prompt_tokens", m.limits)
         if which == "prompt_texts" and request.prompt_texts.texts:
             texts = list(request.prompt_texts.texts)
+            check_texts([("prompt_texts.texts", texts)], self.cfg.batching)
             if any(not t for t in texts):
                 raise InvalidArgument("prompt_texts.texts", "empty prompt")
-            rows = [torch.tensor(m.tokenizer(t, add_special_tokens=False)["input_ids"], dtype=torch.long) for t in texts]
-            return check_token_rows(rows, "prompt_texts", m.limits)
+            encoded = m.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            return check_token_rows([torch.tensor(ids, dtype=torch.long) for ids in encoded], "prompt_texts", m.limits)
         raise InvalidArgument("prompts", "empty batch: set prompt_tokens or prompt_texts")
 
     def _run_generate(self, key, items: list[tuple[torch.Tensor, int]]):
@@ -133,7 +131,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         sampling = Sampling(*key)
         version = self.model_version()
         out = []
-        for idx in chunks(len(items), self.cfg.batching.max_batch_size):
+        lengths = [int(row.numel()) + sampling.max_new_tokens for row, _ in items]
+        for idx in budget_chunks(lengths, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens):
             rows = [items[i][0] for i in idx]
             responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device,
                                                      [items[i][1] for i in idx], self.generate_batcher.batch_alive)
@@ -141,24 +140,27 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         return out
 
     async def Generate(self, request, context):
-        m = self.require()
-        prompts = self._prompt_rows(request, m)
-        room = m.limits.max_length - max(int(p.numel()) for p in prompts)
-        sampling = sampling_from_pb(request.sampling, room)
-        tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)
-        first = request.first_row_index
-        items = [(p, first + i) for i, p in enumerate(prompts)]
-        results = await self.generate_batcher.submit(sampling.key(), items, tokens, call_alive(context))
-        responses = [r[0] for r in results]
-        return policy_pb2.GenerateResponse(
-            prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
-            response_tokens=codec.ragged_to_pb(responses, torch.int32),
-            response_logprobs=codec.ragged_to_pb([r[1] for r in results], torch.float32),
-            response_texts=m.tokenizer.batch_decode(responses, skip_special_tokens=True),
-            policy_version=min(r[3] for r in results),
-            finished=[r[2] for r in results],
-            instance_id=self.instance_id,
-        )
+        with self.generate_batcher.admit():
+            m = self.require()
+            prompts = await self.off_loop(self._prompt_rows, request, m)
+            longest = max(int(p.numel()) for p in prompts)
+            sampling = sampling_from_pb(request.sampling, m.limits.max_length - longest)
+            check_budget(len(prompts), longest + sampling.max_new_tokens, "sampling.max_new_tokens", m.limits.max_tokens)
+            tokens = sum(int(p.numel()) + sampling.max_new_tokens for p in prompts)
+            first = request.first_row_index
+            items = [(p, first + i) for i, p in enumerate(prompts)]
+            results = await self.generate_batcher.submit(sampling.key(), items, tokens, call_alive(context))
+            responses = [r[0] for r in results]
+            texts = await self.off_loop(functools.partial(m.tokenizer.batch_decode, skip_special_tokens=True), responses)
+            return policy_pb2.GenerateResponse(
+                prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
+                response_tokens=codec.ragged_to_pb(responses, torch.int32),
+                response_logprobs=codec.ragged_to_pb([r[1] for r in results], torch.float32),
+                response_texts=texts,
+                policy_version=min(r[3] for r in results),
+                finished=[r[2] for r in results],
+                instance_id=self.instance_id,
+            )
 
     # --- LogProbs -----------------------------------------------------------
     def _run_logprobs(self, temperature, seqs: list[tuple[torch.Tensor, int]]):
@@ -188,7 +190,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
 
             return fn
 
-        return [loss_for(idx) for idx in chunks(len(batch.seqs), micro)]
+        return [loss_for(idx) for idx in self.micro_batches([int(r.numel()) for r in batch.seqs.rows], micro)]
 
     def _ptx_micro_losses(self, rows: list[torch.Tensor], coef: float, micro: int, stats: dict, n_tokens: float) -> list:
         """n_tokens: predicted pretraining tokens of the whole minibatch (all ranks' shards)."""
@@ -206,12 +208,14 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
 
             return fn
 
-        return [loss_for(idx) for idx in chunks(len(rows), micro)]
+        return [loss_for(idx) for idx in self.micro_batches([int(r.numel()) for r in rows], micro)]
 
     def _dpo_micro_losses(self, batch: DPOBatch, micro: int, stats: dict, n_pairs: float) -> list:
         """n_pairs: preference pairs of the whole minibatch (all ranks' shards)."""
         m = self.loaded
         pairs_per_micro = max(1, micro // 2)
+        rows = batch.seqs.rows
+        pair_widths = [2 * max(int(rows[2 * i].numel()), int(rows[2 * i + 1].numel())) for i in range(batch.n_pairs)]
 
         def loss_for(pair_idx):
             def fn(engine):
@@ -229,7 +233,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
 
             return fn
 
-        return [loss_for(idx) for idx in chunks(batch.n_pairs, pairs_per_micro)]
+        return [loss_for(idx) for idx in self.micro_batches(pair_widths, pairs_per_micro)]
 
     def _train(self, batch, ptx, micro: int) -> policy_pb2.PolicyTrainResponse:
         """One optimizer step. In a data-parallel group the stats are this shard's share of the minibatch's."""
@@ -244,20 +248,21 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             losses = self._ppo_micro_losses(batch, micro, stats, n_main)
         if ptx is not None:
             losses += self._ptx_micro_losses(ptx[0], ptx[1], micro, stats, n_ptx)
-        grad_norm = self.trainer.step(losses)
+        grad_norm, applied = self.trainer.step(losses)
         entropy_term = getattr(batch, "entropy_coef", 0.0) * stats.get("entropy", 0.0)
         total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
         return policy_pb2.PolicyTrainResponse(
             loss=total, grad_norm=grad_norm, model_version=self.trainer.version,
-            tokens=tokens, **stats,
+            tokens=tokens, skipped=not applied, **stats,
         )
 
     def _decode_train(self, request, m: LoadedModel) -> tuple:
         which = request.WhichOneof("objective")
         if which is None:
             raise InvalidArgument("objective", "set ppo or dpo")
-        batch = ppo_from_pb(request.ppo, m.limits) if which == "ppo" else dpo_from_pb(request.dpo, m.limits)
-        ptx = ptx_from_pb(request.ptx, m) if request.HasField("ptx") else None
+        bound = self.cfg.training.max_abs_input
+        batch = ppo_from_pb(request.ppo, m.limits, bound) if which == "ppo" else dpo_from_pb(request.dpo, m.limits, bound)
+        ptx = ptx_from_pb(request.ptx, m, self.cfg.batching) if request.HasField("ptx") else None
         return batch, ptx, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
 
     async def Train(self, request, context):
@@ -270,6 +275,10 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             raise InvalidArgument("prompts", "empty batch")
         if len(responses) != len(prompts):
             raise InvalidArgument("responses", f"{len(responses)} responses for {len(prompts)} prompts")
+        check_texts([("prompts", prompts), ("responses", responses)], self.cfg.batching)
+        return await self.off_loop(self._tokenize, prompts, responses, m)
+
+    def _tokenize(self, prompts: list[str], responses: list[str], m: LoadedModel) -> tensor_pb2.SequenceBatch:
         rows, prompt_lengths = [], []
         for i, (prompt, response) in enumerate(zip(prompts, responses)):
             ids, labels = encode_sft_example(m.tokenizer, prompt, response, m.limits.max_length)
@@ -278,6 +287,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
                 raise InvalidArgument(f"prompts[{i}]", "empty prompt, or the response fills the model's context")
             rows.append(torch.tensor(ids, dtype=torch.long))
             prompt_lengths.append(n_prompt)
+        check_token_rows(rows, "prompts", m.limits)
         return Sequences(rows, prompt_lengths).to_pb()
 
 

@@ -17,21 +17,21 @@ import torch
 
 from rlhf.v1 import common_pb2
 from services import codec
-from services.batch import Sequences, chunks
+from services.batch import Sequences, budget_chunks
 from services.batcher import Batcher, call_alive
 from services.checkpoint import (
-    checkpoint_path,
     checkpoint_root,
     latest_state,
     load_training_state,
     read_state,
+    resolve_under,
     save_checkpoint,
     save_training_state,
 )
 from services.config import ServiceConfig
 from services.engine import TrainEngine
-from services.errors import GroupRejected, InvalidArgument, NotReady, WrongRank
-from services.idempotency import AppliedSteps, key_from_pb
+from services.errors import GroupRejected, InvalidArgument, NotReady, Refused, WrongRank
+from services.idempotency import AppliedSteps, TrainerLease, check_run_id, key_from_pb
 from services.metrics import NoMetrics, ServiceMetrics
 from services.models import LOADERS, LoadedModel
 from services.validation import check_temperature
@@ -52,6 +52,8 @@ class ModelServicer:
         self.draining = False
         self.metrics: ServiceMetrics | NoMetrics | None = None  # set by build_server
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
+        # decoding and tokenising requests, off the event loop and off the model thread
+        self.text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"{self.role}-text")
 
     def load(self) -> None:
         """Load weights (runs on the model thread); subclasses add engines in after_load."""
@@ -60,7 +62,8 @@ class ModelServicer:
         torch.manual_seed(self.cfg.server.seed)
         loaded = LOADERS[self.role](self.cfg.model)
         # every decoder of token rows enforces the configured rows-per-request bound
-        loaded.limits = dataclasses.replace(loaded.limits, max_batch=self.cfg.batching.max_request_rows)
+        loaded.limits = dataclasses.replace(loaded.limits, max_batch=self.cfg.batching.max_request_rows,
+                                            max_tokens=self.cfg.batching.max_request_tokens)
         self.after_load(loaded)
         self.loaded = loaded
 
@@ -81,6 +84,10 @@ class ModelServicer:
     async def on_model_thread(self, fn, *args):
         """Run fn(*args) on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def off_loop(self, fn, *args):
+        """Run fn(*args) (request decoding, tokenising) on the text threads, so the event loop keeps answering."""
+        return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
 
     def model_version(self) -> int:
         """Applied optimizer steps; frozen models stay at 0."""
@@ -122,20 +129,22 @@ class ModelServicer:
         m = self.loaded
         batch = Sequences([row for row, _ in items], [p for _, p in items])
         out = []
+        lengths = [int(row.numel()) for row in batch.rows]
         with torch.no_grad():
-            for idx in chunks(len(batch), self.cfg.batching.max_batch_size):
+            for idx in budget_chunks(lengths, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens):
                 out.extend(fn(model, batch.select(idx), m.pad_id, m.device, *args))
         return out
 
     async def answer_logprobs(self, request, batcher, version: int, context) -> common_pb2.LogProbsResponse:
         """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""
-        m = self.require()
-        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
-        temperature = check_temperature(request.temperature, "temperature")
-        tokens = sum(int(r.numel()) for r in seqs.rows)
-        rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
-        return common_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version,
-                                           instance_id=self.instance_id)
+        with batcher.admit():
+            m = self.require()
+            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits)
+            temperature = check_temperature(request.temperature, "temperature")
+            tokens = sum(int(r.numel()) for r in seqs.rows)
+            rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
+            return common_pb2.LogProbsResponse(logprobs=codec.ragged_to_pb(rows, torch.float32), model_version=version,
+                                               instance_id=self.instance_id)
 
     async def close(self) -> None:
         """Stop the batching tasks (after the server has drained)."""
@@ -168,6 +177,8 @@ class TrainableServicer(ModelServicer):
         super().__init__(cfg)
         self.trainer: TrainEngine | None = None
         self.applied = AppliedSteps(cfg.training.idempotency_cache)
+        self.lease = TrainerLease(cfg.training.lease_seconds)
+        self.skipped_steps = 0  # Train steps not applied: loss or gradient norm not finite
 
     def after_load(self, loaded: LoadedModel) -> None:
         self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
@@ -176,12 +187,14 @@ class TrainableServicer(ModelServicer):
 
     def restore_latest(self, runs_dir: str) -> None:
         """At start: load the newest complete training state under checkpoint_dir/runs_dir, if there is one."""
-        root = checkpoint_path(checkpoint_root(self), runs_dir, 0)
+        root = resolve_under(checkpoint_root(self), runs_dir)
         found = latest_state(root, self.trainer.rank)
         if found is None:
             log.info("%s: no complete training state under %s; starting from the model's weights", self.role, root)
             return
-        self.applied.restore(read_state(self, found / f"rank-{self.trainer.rank}"), self.train_response)
+        extra = read_state(self, found / f"rank-{self.trainer.rank}")
+        self.applied.restore(extra["applied"], self.train_response)
+        self.lease.restore(extra.get("lease"))
         log.info("%s: continued from %s (model version %d)", self.role, found, self.trainer.version)
 
     def model_version(self) -> int:
@@ -194,6 +207,10 @@ class TrainableServicer(ModelServicer):
         if self.trainer is not None:
             self.trainer.closing.set()
 
+    def micro_batches(self, lengths: list[int], micro: int) -> list[list[int]]:
+        """Micro-batches of at most `micro` rows and training.max_micro_batch_tokens padded tokens."""
+        return budget_chunks(lengths, micro, self.cfg.training.max_micro_batch_tokens)
+
     async def train_step(self, request, decode, work):
         """Decode a Train request, then apply `work(*decoded)` once per idempotency key on the model thread.
 
@@ -205,13 +222,17 @@ class TrainableServicer(ModelServicer):
         m = self.require()
         try:
             key = key_from_pb(request.key)
-            decoded = decode(request, m)
-        except InvalidArgument:
+            self.lease.take(key[0], request.key.secret, self.role)
+            decoded = await self.off_loop(decode, request, m)
+        except (InvalidArgument, Refused):
             if self.trainer is not None and self.trainer.world_size > 1:
                 with contextlib.suppress(GroupRejected):
                     await self.on_model_thread(self.trainer.agree, [], False)
             raise
         result, replayed = await self.applied.run(key, lambda: self.on_model_thread(work, *decoded))
+        if result.skipped and not replayed:
+            self.skipped_steps += 1
+            log.warning("%s: Train %s not applied: its loss or gradient norm is not finite", self.role, key)
         response = type(result)()
         response.CopyFrom(result)
         response.replayed = replayed
@@ -230,3 +251,11 @@ class TrainableServicer(ModelServicer):
     async def LoadCheckpoint(self, request, context):
         self.require()
         return await load_training_state(self, request)
+
+    async def Release(self, request, context):
+        self.require()
+        run_id = check_run_id(request.lease.run_id, "lease.run_id")
+        released = self.lease.release(run_id, request.lease.secret)
+        if released:
+            log.info("%s: run %s released its lease", self.role, run_id)
+        return common_pb2.ReleaseResponse(released=released)

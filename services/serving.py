@@ -16,42 +16,69 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services.channels import GRPC_OPTIONS
+from services.auth import AuthInterceptor, load_grants
+from services.channels import server_credentials, server_options
+from services.config import ListenConfig
 from services.errors import ErrorInterceptor
+from services.limits import ConcurrencyLimit
 from services.metrics import metrics_for, metrics_port
+from services.reflection import enable_reflection
 
 if TYPE_CHECKING:  # the model code is imported only by the processes that serve a model
     from services.servicer import ModelServicer
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def build_server(services: list, service_names: list[str], interceptors: list, host: str, port: int):
+def build_server(services: list, service_names: list[str], interceptors: list, listen: ListenConfig, port: int):
     """A grpc.aio server with `services` ((servicer, add_to_server) pairs), health and reflection.
 
-    Interceptors run in order, then ErrorInterceptor maps domain errors to
-    status codes. Returns (server, health servicer, bound port).
+    `listen` (a ListenConfig) says where and for whom: TLS, bearer tokens, the
+    message size, the cap on calls in progress and reflection. Interceptors
+    run in order, then the concurrency cap, the token check, and
+    ErrorInterceptor, which maps domain errors to status codes. Returns
+    (server, health servicer, bound port).
     """
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=GRPC_OPTIONS)
+    grants = load_grants(listen.auth)
+    guards = [ConcurrencyLimit(listen.max_concurrent_rpcs), *([AuthInterceptor(grants)] if grants else [])]
+    server = grpc.aio.server(interceptors=[*interceptors, *guards, ErrorInterceptor()],
+                             options=server_options(listen.max_message_mb))
     for servicer, add_to_server in services:
         add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if listen.reflection:
+        enable_reflection(server, [*service_names, health.SERVICE_NAME])
+    address = f"{listen.host}:{port}"
+    if listen.tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, server_credentials(listen.tls))
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        raise OSError(f"cannot listen on {address}")
+    _warn_if_open(listen, grants)
     return server, health_servicer, bound
 
 
-def build_model_server(servicer: ModelServicer, add_to_server, host: str, port: int):
+def _warn_if_open(listen: ListenConfig, grants: list) -> None:
+    """Say so when a server beyond loopback asks for no token or speaks plain text."""
+    if listen.host in LOOPBACK:
+        return
+    if not grants:
+        log.warning("listening on %s without authentication: any client that reaches the port can call every "
+                    "RPC (set server.auth.tokens; docs/security.md)", listen.host)
+    if listen.tls is None:
+        log.warning("listening on %s in plain text (set server.tls; docs/security.md)", listen.host)
+
+
+def build_model_server(servicer: ModelServicer, add_to_server, port: int):
     """build_server for one model servicer, with its metrics interceptor (first: it times the whole call)."""
     servicer.metrics = metrics_for(servicer)
     return build_server([(servicer, add_to_server)], [servicer.service_name], servicer.metrics.interceptors,
-                        host, port)
+                        servicer.cfg.server, port)
 
 
 async def set_health(health_servicer, servicer: ModelServicer, serving: bool) -> None:
@@ -69,7 +96,7 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
     on_bound(port) is called once the port is bound, before the weights load.
     """
     cfg = servicer.cfg
-    server, health_servicer, port = build_model_server(servicer, add_to_server, cfg.server.host, cfg.grpc_port())
+    server, health_servicer, port = build_model_server(servicer, add_to_server, cfg.grpc_port())
     await set_health(health_servicer, servicer, serving=False)
     servicer.metrics.serve(cfg.server.host, metrics_port(cfg.server.metrics_port, cfg.server.port, servicer.role))
     await server.start()
@@ -96,3 +123,4 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
         await servicer.close()
         servicer.metrics.close()
         servicer.executor.shutdown(wait=True)
+        servicer.text_pool.shutdown(wait=True)

@@ -1,17 +1,14 @@
 """ValueService: the critic's per-token values and clipped value-loss steps."""
 
-import math
-
 import torch
 
 from rlhf.v1 import value_pb2, value_pb2_grpc
 from services import codec, objectives
-from services.batch import Sequences, chunks
+from services.batch import Sequences
 from services.batcher import Batcher, call_alive
-from services.errors import InvalidArgument
 from services.inference import response_values
 from services.servicer import TrainableServicer
-from services.validation import micro_batch_size
+from services.validation import check_range, micro_batch_size
 
 
 class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
@@ -29,13 +26,14 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
         return self.per_sequence(response_values, self.trainer.module, seqs)
 
     async def Values(self, request, context):
-        m = self.require()
-        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
-        version = self.model_version()
-        tokens = sum(int(r.numel()) for r in seqs.rows)
-        rows = await self.batcher.submit(None, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
-        return value_pb2.ValuesResponse(values=codec.ragged_to_pb(rows, torch.float32), model_version=version,
-                                       instance_id=self.instance_id)
+        with self.batcher.admit():
+            m = self.require()
+            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits)
+            version = self.model_version()
+            tokens = sum(int(r.numel()) for r in seqs.rows)
+            rows = await self.batcher.submit(None, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))
+            return value_pb2.ValuesResponse(values=codec.ragged_to_pb(rows, torch.float32), model_version=version,
+                                           instance_id=self.instance_id)
 
     def _train(self, seqs: Sequences, old_values, returns, clip, micro: int) -> value_pb2.ValueTrainResponse:
         """One optimizer step. In a data-parallel group loss and clip fraction are this shard's share."""
@@ -62,7 +60,11 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
 
             return fn
 
-        grad_norm = self.trainer.step([micro_loss(idx) for idx in chunks(len(seqs), micro)])
+        grad_norm, applied = self.trainer.step(
+            [micro_loss(idx) for idx in self.micro_batches([int(r.numel()) for r in seqs.rows], micro)])
+        if not applied:  # nothing to measure: the weights did not move
+            return value_pb2.ValueTrainResponse(grad_norm=grad_norm, model_version=self.trainer.version,
+                                                tokens=tokens, skipped=True, **stats)
         v = torch.cat([predicted[i] for i in range(len(seqs))])  # every response token, (N,)
         r = torch.cat(returns)
         sums = self.trainer.agree(objectives.explained_variance_sums(v, r, torch.ones_like(r)))  # the whole minibatch's
@@ -74,11 +76,10 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     def _decode_train(self, request, m) -> tuple:
         seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
         lengths = seqs.response_lengths
-        old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths)
-        returns = codec.float_rows_from_pb(request.returns, "returns", lengths)
-        clip = request.clip_range_value
-        if not (math.isfinite(clip) and clip >= 0):
-            raise InvalidArgument("clip_range_value", f"must be finite and >= 0, got {clip}")
+        bound = self.cfg.training.max_abs_input
+        old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths, bound=bound)
+        returns = codec.float_rows_from_pb(request.returns, "returns", lengths, bound=bound)
+        clip = check_range(request.clip_range_value, "clip_range_value", 0.0, bound)
         return seqs, old_values, returns, clip, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
 
     async def Train(self, request, context):

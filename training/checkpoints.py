@@ -5,7 +5,7 @@ A checkpoint is a directory OUT/checkpoint-STEP holding:
     config.json, model.safetensors, tokenizer files   `save_pretrained`: loads with `from_pretrained`
     deepspeed/                                        DeepSpeed's `save_checkpoint`: optimizer, LR scheduler
     trainer_state.json                                step, epoch, next batch, the run's settings, eval history
-    rng_state.pt                                      torch / numpy / python RNG states (dropout)
+    rng_state.json                                    torch / numpy / python RNG states (dropout), as plain JSON
 
 The data order of an epoch is a function of (seed, epoch) alone, so the state
 needs only the position in it; with the RNG states restored, `--resume`
@@ -27,7 +27,7 @@ from services import models
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 DEEPSPEED_TAG = "deepspeed"  # DeepSpeed's sub-directory inside a checkpoint
 STATE_FILE = "trainer_state.json"
-RNG_FILE = "rng_state.pt"
+RNG_FILE = "rng_state.json"
 
 
 class ResumeError(ValueError):
@@ -74,10 +74,7 @@ def save_checkpoint(engine, tokenizer: PreTrainedTokenizerBase, state: TrainerSt
     path.mkdir(parents=True, exist_ok=True)
     save_model(engine, tokenizer, path)
     engine.save_checkpoint(str(path), tag=DEEPSPEED_TAG, save_latest=False)
-    rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, path / RNG_FILE)
+    (path / RNG_FILE).write_text(json.dumps(rng_states()))
     (path / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     return path
 
@@ -110,10 +107,31 @@ def restore_checkpoint(engine, path: Path, run: dict) -> TrainerState:
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise ResumeError(f"{path}: DeepSpeed could not load {path / DEEPSPEED_TAG}")
-    rng = torch.load(path / RNG_FILE, weights_only=False)  # our own file: numpy/python states
-    torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    try:
+        set_rng_states(json.loads((path / RNG_FILE).read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ResumeError(f"{path / RNG_FILE}: not a readable RNG state ({error})") from None
     return state
+
+
+def rng_states() -> dict:
+    """The torch, CUDA, numpy and python RNG states as JSON-ready data (no pickle to load back)."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states = {"torch": torch.get_rng_state().tolist(),
+              "numpy": [name, keys.tolist(), int(position), int(has_gauss), float(cached)],
+              "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        states["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    """Put back what rng_states() returned."""
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    name, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])

@@ -80,6 +80,7 @@ def test_dpo_train_matches_a_hand_computed_loss(policy):
                                         reference_logps=codec.tensor_to_pb(torch.tensor(reference)))
     key = common_pb2.TrainKey(run_id="dpo-test", step=0)
     reply = policy.Train(policy_pb2.PolicyTrainRequest(key=key, dpo=objective, micro_batch_size=2), timeout=120)
+    release(policy, "dpo-test")  # the service's other tests train it as run "test"
     assert abs(reply.policy_loss - expected) < 1e-4
     assert reply.reward_accuracy == 0.5
     assert abs(reply.reward_margin - (0.75 - 0.25) / 2) < 1e-4
@@ -98,3 +99,10 @@ def test_dpo_train_rejects_bad_minibatches(policy):
     expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=key, dpo=beta), "dpo.beta")
     nan = policy_pb2.DPOObjective(sequences=two, beta=0.1, reference_logps=codec.tensor_to_pb(torch.tensor([0.0, float("nan")])))
     expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=key, dpo=nan), "dpo.reference_logps")
+    release(policy, "dpo-bad")
+
+
+def release(policy, run_id: str) -> None:
+    """End the run's lease on the policy (its key has no secret)."""
+    lease = common_pb2.Lease(run_id=run_id)
+    assert policy.Release(common_pb2.ReleaseRequest(lease=lease), timeout=30).released

@@ -24,7 +24,8 @@ def one_step(path, zero_stage, micro, data):
     engine = TrainEngine(model, TrainingConfig(learning_rate=1.0, eps=1.0, zero_stage=zero_stage, grad_clip=0.0),
                          torch.float32, torch.device("cpu"))
     normalizer = data[:, 1:].numel()
-    norm = engine.step([lm_loss(data[i : i + micro], normalizer) for i in range(0, len(data), micro)])
+    norm, applied = engine.step([lm_loss(data[i : i + micro], normalizer) for i in range(0, len(data), micro)])
+    assert applied
     return engine, norm
 
 

@@ -6,6 +6,7 @@ JSON schemas (kubernetes-validate). The Prometheus Operator objects, which
 those schemas do not cover, are checked field by field.
 """
 
+import base64
 import json
 
 import pytest
@@ -21,6 +22,7 @@ from tests.support.helm import (
     PORTS,
     ROOT,
     VALUE_SETS,
+    admits,
     by_kind,
     component_of,
     containers,
@@ -28,6 +30,7 @@ from tests.support.helm import (
     pod_specs,
     render,
     render_k8s,
+    volume_mounts,
     workloads,
 )
 
@@ -55,6 +58,17 @@ def test_helm_lint_finds_nothing_but_the_missing_icon(name):
     ({"policy": {"replicas": 2}}, "/policy", "'replicas' not allowed"),
     ({"reference": {"resources": {"limits": {"nvidia.com/gpu": "one"}}}},
      "/reference/resources/limits/nvidia.com~1gpu", "does not match pattern"),
+    ({"auth": {"token": "hunter2"}}, "/auth", "'token' not allowed"),
+    ({"auth": {"keys": {"root": "root"}}}, "/auth/keys", "'root' not allowed"),
+    ({"tls": {"certManager": {"issuer": "ca"}}}, "/tls/certManager", "'issuer' not allowed"),
+    ({"tls": {"certManager": {"issuerRef": {"name": "ca", "namespace": "x"}}}}, "/tls/certManager/issuerRef",
+     "'namespace' not allowed"),
+    ({"tls": {"certManager": {"duration": "90 days"}}}, "/tls/certManager/duration", "does not match pattern"),
+    ({"tls": {"mTLS": True}}, "/tls", "'mTLS' not allowed"),
+    ({"networkPolicy": {"clientPodSelector": {"app": "web"}}}, "/networkPolicy/clientPodSelector",
+     "'app' not allowed"),
+    ({"networkPolicy": {"metricsPodSelector": {"matchExpressions": [{"key": "app", "operator": "Is"}]}}},
+     "/networkPolicy/metricsPodSelector/matchExpressions/0/operator", "value must be one of"),
 ])
 def test_a_wrong_value_fails_the_install_naming_the_key(values, where, why):
     with helm_python.Chart.load(CHART) as chart:
@@ -80,23 +94,28 @@ def test_install_notes_say_how_to_reach_the_reward_service_and_grafana():
     assert "kubectl port-forward -n rlhf svc/rlhf-reward 50053:50053" in notes
     assert "kubectl port-forward -n monitoring svc/kube-prometheus-stack-grafana 3000:80" in notes
     assert "/d/rlhf-mesh" in notes and "helm test rlhf" in notes
+    # application teams get the score-only token, and the call that uses it
+    assert "TOKEN=$(kubectl get secret -n rlhf rlhf-auth -o jsonpath='{.data.client}' | base64 -d)" in notes
+    assert 'grpcurl -plaintext -H "authorization: Bearer $TOKEN"' in notes and "rlhf.v1.RewardService/Score" in notes
 
 
 # --- every object -----------------------------------------------------------------------
 
-CORE_KINDS = {"ConfigMap", "Deployment", "StatefulSet", "Job", "Pod", "Service", "ServiceAccount", "Role", "RoleBinding"}
-MONITORING_KINDS = {"ServiceMonitor", "PrometheusRule"}  # CRDs: test_prometheus_operator_objects
+CORE_KINDS = {"ConfigMap", "Deployment", "StatefulSet", "Job", "Pod", "Service", "ServiceAccount", "Role", "RoleBinding",
+              "Secret", "NetworkPolicy"}
+# CRDs: test_prometheus_operator_objects, test_cert_manager_certificate_names_every_service
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "Certificate"}
 
 
 def validated(objs: list[dict]) -> dict[str, str]:
-    """Validate every object but the Prometheus Operator CRDs against Kubernetes' strict schemas.
+    """Validate every object but the Prometheus Operator and cert-manager CRDs against Kubernetes' strict schemas.
 
     Returns kind -> the Kubernetes version of the schema that checked it.
     """
     checked = {}
     for obj in objs:
-        if render_k8s.is_monitoring(obj):
-            assert obj["kind"] in MONITORING_KINDS, obj["kind"]  # nothing else skips validation
+        if render_k8s.is_monitoring(obj) or obj["apiVersion"].startswith("cert-manager.io/"):
+            assert obj["kind"] in CRD_KINDS, obj["kind"]  # nothing else skips validation
             continue
         checked[obj["kind"]] = kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
     return checked
@@ -178,10 +197,12 @@ def test_configmaps_load_with_the_schema_the_cli_reads(rendered, tmp_path):
         path.write_text(configmaps[f"rlhf-{role}"]["data"][f"{role}.yaml"])
         cfg = load_service_config(path, role)
         assert (cfg.server.port, cfg.server.metrics_port) == PORTS[role]
+        assert cfg.server.host == "0.0.0.0"  # the config's default, loopback, would be unreachable in a pod
     path = tmp_path / "controller.yaml"
     path.write_text(configmaps["rlhf-controller"]["data"]["controller.yaml"])
     cfg = load_controller_config(path)
     assert (cfg.server.port, cfg.server.metrics_port) == PORTS["controller"]
+    assert cfg.server.host == "0.0.0.0"
     assert cfg.services.reward == "kubernetes:///rlhf-reward-headless:grpc" and cfg.output_dir == "/checkpoints/runs"
     dns = render({"controller": {"discovery": "dns"}})
     path.write_text(by_kind(dns, "ConfigMap")["rlhf-controller"]["data"]["controller.yaml"])
@@ -334,7 +355,188 @@ def test_network_policy_admits_the_controller_clients_and_scrapers():
             assert len(ranks) == 1 and ranks[0]["from"][0]["podSelector"]["matchLabels"].items() <= own.items()
         else:
             assert ranks == []
-    assert "NetworkPolicy" not in {o["kind"] for o in render()}
+    assert "NetworkPolicy" not in {o["kind"] for o in render({"networkPolicy": {"enabled": False}})}
+
+
+# --- who may call the services: tokens, TLS, NetworkPolicy ----------------------------------------
+
+RLHF_PROCESSES = (*MODEL_SERVICES, "controller")
+CONTROLLER_SCOPES = ["score", "infer", "train"]
+
+
+def loaded_configs(objs: list[dict], tmp_path) -> dict:
+    """Each process's ConfigMap YAML, loaded with the pydantic models `rlhf serve` / `rlhf controller` use."""
+    configs = {}
+    for name in RLHF_PROCESSES:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(by_kind(objs, "ConfigMap")[f"rlhf-{name}"]["data"][f"{name}.yaml"])
+        configs[name] = load_controller_config(path) if name == "controller" else load_service_config(path, name)
+    return configs
+
+
+def process_pods(objs: list[dict]) -> dict[str, dict]:
+    """The pod template of each rlhf process (model services and controller), by component."""
+    return {component_of(o): o["spec"]["template"] for o in workloads(objs) if component_of(o) in RLHF_PROCESSES}
+
+
+def tokens(cfg) -> list[tuple]:
+    return [(t.name, t.scopes, t.file) for t in cfg.server.auth.tokens]
+
+
+def test_tokens_are_on_by_default_and_each_pod_gets_only_its_own(tmp_path):
+    objs = render()
+    secret = by_kind(objs, "Secret")["rlhf-auth"]
+    assert sorted(secret["data"]) == ["admin", "client", "controller"]
+    values = [base64.b64decode(v).decode() for v in secret["data"].values()]
+    assert all(len(v) == 48 and v.isalnum() for v in values) and len(set(values)) == 3
+
+    configs = loaded_configs(objs, tmp_path)
+    controller = ("controller", CONTROLLER_SCOPES, "/etc/rlhf/auth/controller")
+    for name in ("policy", "reference", "value"):
+        assert tokens(configs[name]) == [controller], name
+    assert tokens(configs["reward"]) == [controller, ("clients", ["score"], "/etc/rlhf/auth/client")]
+    assert tokens(configs["controller"]) == [("admin", ["admin"], "/etc/rlhf/auth/admin")]
+    assert configs["controller"].services.token_file == "/etc/rlhf/auth/controller"
+
+    for name, pod in process_pods(objs).items():
+        mount, volume = volume_mounts(pod["spec"])["/etc/rlhf/auth"]
+        assert mount["readOnly"] is True and volume["secret"]["secretName"] == "rlhf-auth", name
+        assert volume["secret"]["defaultMode"] == 0o440  # readable by the pod's group (fsGroup 1000) only
+        files = {f"/etc/rlhf/auth/{item['path']}" for item in volume["secret"]["items"]}
+        cfg = configs[name]
+        needed = {t.file for t in cfg.server.auth.tokens} | ({cfg.services.token_file} if name == "controller" else set())
+        assert files == needed, name  # every token file the config names is there, and nothing more
+    for name, spec in pod_specs(objs):  # training Jobs and helm test pods hold no token
+        if name not in {f"rlhf-{n}" for n in RLHF_PROCESSES}:
+            assert "/etc/rlhf/auth" not in volume_mounts(spec), name
+
+
+@pytest.mark.parametrize("auth, secret", [
+    ({"existingSecret": "team-tokens", "keys": {"client": "score-token"}}, "team-tokens"),
+    ({"enabled": False}, None),
+])
+def test_tokens_come_from_an_existing_secret_or_are_off(auth, secret, tmp_path):
+    objs = render({"auth": auth})
+    assert "Secret" not in {o["kind"] for o in objs}  # the chart creates none
+    configs = loaded_configs(objs, tmp_path)
+    reward = volume_mounts(process_pods(objs)["reward"]["spec"]).get("/etc/rlhf/auth")
+    if secret is None:
+        assert reward is None
+        assert all(configs[n].server.auth.tokens == [] for n in RLHF_PROCESSES)
+        assert configs["controller"].services.token_file is None
+    else:
+        assert reward[1]["secret"]["secretName"] == secret
+        assert reward[1]["secret"]["items"] == [{"key": "controller", "path": "controller"},
+                                                {"key": "score-token", "path": "client"}]
+        assert tokens(configs["reward"])[1] == ("clients", ["score"], "/etc/rlhf/auth/client")
+
+
+@pytest.mark.parametrize("mutual", [False, True])
+def test_tls_mounts_the_secret_and_every_process_serves_and_dials_with_it(mutual, tmp_path):
+    objs = render({"tls": {"enabled": True, "secretName": "rlhf-certs", "mutual": mutual}})
+    assert CORE_KINDS <= set(validated(objs))
+    configs = loaded_configs(objs, tmp_path)
+    ca = "/etc/rlhf/tls/ca.crt" if mutual else None
+    for name in RLHF_PROCESSES:
+        tls = configs[name].server.tls
+        assert (tls.cert_file, tls.key_file, tls.client_ca_file) == ("/etc/rlhf/tls/tls.crt", "/etc/rlhf/tls/tls.key", ca)
+    client = configs["controller"].services.tls
+    assert client.ca_file == "/etc/rlhf/tls/ca.crt"
+    assert client.server_name == "rlhf.rlhf.svc"  # it dials pod addresses; every server presents this name
+    assert (client.cert_file, client.key_file) == (("/etc/rlhf/tls/tls.crt", "/etc/rlhf/tls/tls.key") if mutual
+                                                  else (None, None))
+    pods = {component_of(o): o["spec"]["template"]["spec"] for o in workloads(objs)}
+    pods |= {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "Pod"}
+    for name, spec in pods.items():
+        if name in ("sft", "train-rm"):
+            continue
+        mount, volume = volume_mounts(spec)["/etc/rlhf/tls"]
+        assert mount["readOnly"] is True and volume["secret"]["secretName"] == "rlhf-certs", name
+        assert {i["path"] for i in volume["secret"]["items"]} == {"tls.crt", "tls.key", "ca.crt"}
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmRenderError) as error:
+        chart.render({"tls": {"enabled": True}}, name="rlhf")
+    assert "tls.secretName" in str(error.value)
+
+
+def test_with_tls_probes_run_the_health_script_over_tls():
+    objs = render({"tls": {"enabled": True, "secretName": "rlhf-certs", "mutual": True}})
+    script = (CHART / "files" / "scripts" / "health_check.py").read_text()
+    for name, pod in process_pods(objs).items():
+        main = pod["spec"]["containers"][0]
+        assert by_kind(objs, "ConfigMap")[f"rlhf-{name}"]["data"]["health_check.py"] == script
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            command = main[probe]["exec"]["command"]
+            assert command[:4] == ["python", "/etc/rlhf/health_check.py", f"127.0.0.1:{PORTS[name][0]}",
+                                   str(main[probe]["timeoutSeconds"])], (name, probe)
+            assert command[4:] == ["--ca", "/etc/rlhf/tls/ca.crt", "--server-name", "rlhf.rlhf.svc",
+                                   "--cert", "/etc/rlhf/tls/tls.crt", "--key", "/etc/rlhf/tls/tls.key"]
+    # tests/integration/test_k8s_artifacts.py runs these arguments against a mutual-TLS server.
+
+
+def test_cert_manager_certificate_names_every_service():
+    objs = render({"tls": {"enabled": True, "certManager": {
+        "enabled": True, "issuerRef": {"name": "rlhf-ca", "kind": "ClusterIssuer"}}}})
+    cert = by_kind(objs, "Certificate")["rlhf"]
+    assert cert["apiVersion"] == "cert-manager.io/v1"
+    spec = cert["spec"]
+    assert spec["issuerRef"] == {"name": "rlhf-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}
+    assert spec["duration"] == "2160h" and spec["renewBefore"] == "360h"
+    assert {"server auth", "client auth"} <= set(spec["usages"])  # mutual TLS presents the same certificate
+    assert spec["secretName"] == "rlhf-tls"
+    for pod in process_pods(objs).values():  # the Secret cert-manager writes is the one every pod mounts
+        assert volume_mounts(pod["spec"])["/etc/rlhf/tls"][1]["secret"]["secretName"] == "rlhf-tls"
+    names = set(spec["dnsNames"])
+    for service in by_kind(objs, "Service"):
+        assert {service, f"{service}.rlhf", f"{service}.rlhf.svc", f"{service}.rlhf.svc.cluster.local"} <= names
+    assert "rlhf.rlhf.svc" in names  # what the controller, probes and helm test check
+    assert {"*.rlhf-policy-headless.rlhf.svc", "*.rlhf-value-headless.rlhf.svc"} <= names  # each rank's own name
+    with helm_python.Chart.load(CHART) as chart, pytest.raises(helm_python.HelmRenderError) as error:
+        chart.render({"tls": {"enabled": True, "certManager": {"enabled": True}}}, name="rlhf")
+    assert "issuerRef.name" in str(error.value)
+    assert "Certificate" not in {o["kind"] for o in render({"tls": {"certManager": {"enabled": True}}})}
+
+
+def test_default_network_policy_admits_the_controller_apps_and_scrapers_only():
+    objs = render()
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    pods = process_pods(objs)
+    controller = pods["controller"]["metadata"]["labels"]
+    app = {"app": "web", "rlhf-mesh/reward-client": "true"}
+    for name in MODEL_SERVICES:
+        pod = pods[name]
+        assert admits(policies, pod, "grpc", controller), name  # the training path stays open
+        assert admits(policies, pod, "grpc", app) == (name == "reward"), name
+        assert not admits(policies, pod, "grpc", app, client_namespace="other"), name
+        assert not admits(policies, pod, "grpc", {"app": "web"}), name
+    for name, pod in pods.items():
+        assert admits(policies, pod, "metrics", {"app": "prometheus"}, client_namespace="monitoring"), name
+        assert not admits(policies, pod, "metrics", {"app": "prometheus"}), name
+        assert not admits(policies, pod, "grpc", {"app": "prometheus"}, client_namespace="monitoring"), name
+    assert not admits(policies, pods["controller"], "grpc", app)  # the admin API: port-forward only
+    for name in ("policy", "value"):  # ranks of one group reach each other, other pods do not
+        assert admits(policies, pods[name], "dist", pods[name]["metadata"]["labels"])
+        assert not admits(policies, pods[name], "dist", pods["reward"]["metadata"]["labels"])
+
+
+def test_network_policy_selectors_come_from_values():
+    objs = render({"networkPolicy": {
+        "clientPodSelector": {"matchLabels": None,  # Helm merges maps: null drops the default label
+                              "matchExpressions": [{"key": "team", "operator": "In", "values": ["search"]}]},
+        "clientNamespaceSelector": {"matchLabels": {"rlhf-clients": "yes"}},
+        "metricsNamespaces": ["observability"], "metricsPodSelector": {"matchLabels": {"app": "prometheus"}}}})
+    assert CORE_KINDS <= set(validated(objs))
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    reward = process_pods(objs)["reward"]
+    peers = [p for r in by_kind(objs, "NetworkPolicy")["rlhf-reward"]["spec"]["ingress"] for p in r.get("from", [])]
+    assert {"namespaceSelector": {"matchLabels": {"rlhf-clients": "yes"}},
+            "podSelector": {"matchExpressions": [{"key": "team", "operator": "In", "values": ["search"]}]}} in peers
+    chosen = {"client_namespace": "search", "namespace_labels": {"rlhf-clients": "yes"}}
+    assert admits(policies, reward, "grpc", {"team": "search"}, **chosen)
+    assert not admits(policies, process_pods(objs)["policy"], "grpc", {"team": "search"}, **chosen)  # reward only
+    assert not admits(policies, reward, "grpc", {"team": "search"})  # the right pods, but not in a chosen namespace
+    assert not admits(policies, reward, "grpc", {"rlhf-mesh/reward-client": "true"})  # the default label is gone
+    assert admits(policies, reward, "metrics", {"app": "prometheus"}, client_namespace="observability")
+    assert not admits(policies, reward, "metrics", {"app": "grafana"}, client_namespace="observability")
 
 
 # --- monitoring ---------------------------------------------------------------------------

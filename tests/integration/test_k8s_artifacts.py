@@ -116,6 +116,57 @@ def test_helm_test_health_check_passes_only_on_serving():
     assert "NOT_SERVING" in not_serving.stdout and f"127.0.0.1:{port}: SERVING" in serving.stdout
 
 
+def make_certificates(tmp_path, openssl: str, server_name: str) -> dict[str, bytes]:
+    """A CA and one certificate it signed for `server_name` (server and client auth), as PEM bytes."""
+    def run(*args):
+        subprocess.run([openssl, *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=rlhf test CA",
+        "-keyout", "ca.key", "-out", "ca.crt")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={server_name}", "-keyout", "tls.key", "-out", "tls.csr")
+    (tmp_path / "ext.cnf").write_text(f"subjectAltName=DNS:{server_name}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    run("x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "1",
+        "-extfile", "ext.cnf", "-out", "tls.crt")
+    return {name: (tmp_path / name).read_bytes() for name in ("ca.crt", "tls.crt", "tls.key")}
+
+
+def test_tls_probe_arguments_pass_against_a_mutual_tls_server(tmp_path):
+    """The exec probes that replace kubelet's plain-text gRPC probes when tls.enabled, run for real."""
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    objs = render({"tls": {"enabled": True, "secretName": "rlhf-certs", "mutual": True}})
+    probe = by_kind(objs, "Deployment")["rlhf-reward"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    command = probe["exec"]["command"]
+    server_name = command[command.index("--server-name") + 1]
+    pem = make_certificates(tmp_path, tool("openssl"), server_name)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    credentials = grpc.ssl_server_credentials([(pem["tls.key"], pem["tls.crt"])], pem["ca.crt"],
+                                              require_client_auth=True)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    script = CHART / "files" / "scripts" / "health_check.py"
+
+    def probe_with(args):
+        args = [str(tmp_path / a.removeprefix("/etc/rlhf/tls/")) if a.startswith("/etc/rlhf/tls/") else a
+                for a in args]
+        return subprocess.run([sys.executable, str(script), f"127.0.0.1:{port}", *args], check=False,
+                              capture_output=True, text=True, timeout=60)
+    try:
+        passed = probe_with(command[3:])
+        without_client_cert = probe_with(command[3:command.index("--cert")])
+        plain_text = probe_with(command[3:4])  # what kubelet's own gRPC probe would do
+    finally:
+        server.stop(0)
+    assert passed.returncode == 0, passed.stdout + passed.stderr
+    assert f"127.0.0.1:{port}: SERVING" in passed.stdout
+    assert without_client_cert.returncode == 1 and plain_text.returncode == 1
+
+
 def test_fetch_model_unpacks_an_archive_without_its_top_directory(tmp_path):
     model = tmp_path / "src" / "opt-rm"
     model.mkdir(parents=True)
@@ -138,13 +189,22 @@ def test_generated_files_are_up_to_date():
     assert stale == [], f"run: python scripts/render_k8s.py  (stale: {stale})"
 
 
+def test_k8s_holds_no_tokens_and_reads_them_from_the_secret_users_create():
+    objs = [o for path in (ROOT / "k8s").rglob("*.yaml") for o in yaml.safe_load_all(path.read_text())
+            if isinstance(o, dict) and "kind" in o]
+    assert "Secret" not in {o["kind"] for o in objs}  # rendered with auth.existingSecret: the same on every render
+    secrets = {v["secret"]["secretName"] for o in workloads(objs) for v in o["spec"]["template"]["spec"]["volumes"]
+               if "secret" in v}
+    assert secrets == {"rlhf-auth"}  # docs/kubernetes.md: kubectl create secret generic rlhf-auth ...
+
+
 @pytest.mark.parametrize("overlay, values", [("base", None), ("overlays/cpu", "values-cpu.yaml")])
 def test_kustomize_builds_what_the_chart_renders(overlay, values):
     built = subprocess.run([tool("kubectl"), "kustomize", str(ROOT / "k8s" / overlay)],
                            capture_output=True, text=True, check=True, timeout=60).stdout
     got = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(built) if o}
     expected = {}
-    for obj in render(values_file(values) if values else None):
+    for obj in render(render_k8s.for_k8s(values_file(values) if values else None)):
         if not (render_k8s.is_hook(obj) or render_k8s.is_monitoring(obj)):
             obj = render_k8s.for_kubectl(obj)
             obj["metadata"]["namespace"] = "rlhf"

@@ -176,7 +176,7 @@ def test_train_rejects_bad_minibatches_without_touching_weights(policy):
     expect_invalid(policy.Train, no_key, "key.run_id")
     bad_prompt = Sequences(seqs.rows, [r.numel() for r in seqs.rows])  # no response tokens
     expect_invalid(policy.Train, ppo_train(bad_prompt, old, old, step=402), "ppo.sequences.prompt_lengths")
-    expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=common_pb2.TrainKey(run_id="x")), "objective")
+    expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=common_pb2.TrainKey(run_id="test", step=403)), "objective")
     wrong_dtype = ppo_train(seqs, old, [torch.zeros(r.numel()) for r in old], step=403)
     wrong_dtype.ppo.old_logprobs.CopyFrom(codec.ragged_to_pb([r.long() for r in old], torch.int64))
     expect_invalid(policy.Train, wrong_dtype, "ppo.old_logprobs.values.dtype")

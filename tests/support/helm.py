@@ -86,3 +86,55 @@ def tool(name: str) -> str:
     if not found:
         pytest.skip(f"{name} not installed (the test extra installs it)")
     return found
+
+
+def volume_mounts(spec: dict) -> dict[str, tuple[dict, dict]]:
+    """The main container's mounts by path: (mount, the pod volume it mounts)."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    return {m["mountPath"]: (m, volumes[m["name"]]) for m in spec["containers"][0].get("volumeMounts", [])}
+
+
+# --- NetworkPolicy, evaluated as the API defines it (enough for the chart's rules) -------------
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a LabelSelector picks an object with `labels` (an empty selector picks everything)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        present, value = expr["key"] in labels, labels.get(expr["key"])
+        ok = {"In": present and value in expr.get("values", []),
+              "NotIn": not present or value not in expr.get("values", []),
+              "Exists": present, "DoesNotExist": not present}[expr["operator"]]
+        if not ok:
+            return False
+    return True
+
+
+def peer_admits(peer: dict, client_labels: dict, client_namespace: str, namespace: str,
+                namespace_labels: dict) -> bool:
+    """Whether one `from` entry (podSelector and/or namespaceSelector) covers the client pod."""
+    if "namespaceSelector" in peer:
+        labels = {**namespace_labels, "kubernetes.io/metadata.name": client_namespace}
+        in_namespace = selects(peer["namespaceSelector"], labels)
+    else:
+        in_namespace = client_namespace == namespace  # a bare podSelector means the policy's namespace
+    return in_namespace and selects(peer.get("podSelector", {}), client_labels)
+
+
+def admits(policies: list[dict], pod: dict, port: str, client_labels: dict, client_namespace: str = "rlhf",
+           namespace: str = "rlhf", namespace_labels: dict | None = None) -> bool:
+    """Whether a client pod may open `port` (a container port name) on `pod` (a pod template) under `policies`.
+
+    The client runs in `client_namespace`, labelled `namespace_labels` besides kubernetes.io/metadata.name.
+    """
+    chosen = [p["spec"] for p in policies if selects(p["spec"]["podSelector"], pod["metadata"]["labels"])]
+    if not chosen:
+        return True  # no policy selects the pod: ingress is open
+    for spec in chosen:
+        for rule in spec.get("ingress", []):
+            if "ports" in rule and port not in {p["port"] for p in rule["ports"]}:
+                continue
+            if "from" not in rule or any(peer_admits(peer, client_labels, client_namespace, namespace,
+                                                     namespace_labels or {}) for peer in rule["from"]):
+                return True
+    return False

@@ -29,9 +29,9 @@ def float_rows(values: list[torch.Tensor]) -> tensor_pb2.RaggedTensor:
     return codec.ragged_to_pb(values, torch.float32)
 
 
-def ppo_train(seqs: Sequences, old_logprobs, advantages, step=0, minibatch=0, run_id="test", clip=0.2):
+def ppo_train(seqs: Sequences, old_logprobs, advantages, step=0, minibatch=0, run_id="test", clip=0.2, secret=""):
     return policy_pb2.PolicyTrainRequest(
-        key=common_pb2.TrainKey(run_id=run_id, step=step, minibatch_index=minibatch),
+        key=common_pb2.TrainKey(run_id=run_id, step=step, minibatch_index=minibatch, secret=secret),
         ppo=policy_pb2.PPOObjective(
             sequences=seqs.to_pb(), old_logprobs=float_rows(old_logprobs), advantages=float_rows(advantages),
             clip_range=clip, temperature=1.0,
@@ -39,9 +39,9 @@ def ppo_train(seqs: Sequences, old_logprobs, advantages, step=0, minibatch=0, ru
     )
 
 
-def value_train(seqs: Sequences, old_values, returns, step=0, minibatch=0, run_id="test"):
+def value_train(seqs: Sequences, old_values, returns, step=0, minibatch=0, run_id="test", secret=""):
     return value_pb2.ValueTrainRequest(
-        key=common_pb2.TrainKey(run_id=run_id, step=step, minibatch_index=minibatch),
+        key=common_pb2.TrainKey(run_id=run_id, step=step, minibatch_index=minibatch, secret=secret),
         sequences=seqs.to_pb(), old_values=float_rows(old_values), returns=float_rows(returns), clip_range_value=0.2,
     )
 

@@ -6,8 +6,8 @@ from typing import Self
 
 import grpc
 
-from services.channels import GRPC_OPTIONS
-from services.config import ServiceConfig
+from services.channels import GRPC_OPTIONS, open_channel
+from services.config import ClientSecurity, ServiceConfig
 from services.registry import SERVICES
 from services.serving import serve
 
@@ -68,8 +68,11 @@ class ServerThread:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+    def channel(self, security: ClientSecurity | None = None) -> grpc.Channel:
+        """A blocking channel; with `security`, its TLS and token (else plain text, no token)."""
+        if security is None:
+            return grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+        return open_channel(self.address, security, aio=False)
 
     def stop(self):
         if self._loop and self._stop:

@@ -161,7 +161,8 @@ the chart's defaults, then the user's `config`, then what the chart owns
 (role, model.path, ports).
 */}}
 {{- define "rlhf.serviceConfig" -}}
-{{- $base := dict "server" (dict "host" "0.0.0.0") }}
+{{- $server := merge (dict "host" "0.0.0.0") (include "rlhf.serverSecurity" . | fromYaml) }}
+{{- $base := dict "server" $server }}
 {{- if has .name (list "policy" "value") }}
 {{- $_ := set $base.server "checkpoint_dir" (printf "%s/%s" .root.Values.checkpoints.mountPath .name) }}
 {{- /* a restarted pod comes back at the run's last saved state (the controller restores it anyway) */}}
@@ -196,7 +197,9 @@ resumes from its last complete checkpoint when the Job's pod is retried.
 {{- $_ := set $services $name (printf "kubernetes:///%s:grpc" $headless) }}
 {{- end }}
 {{- end }}
-{{- $base := dict "services" $services "server" (dict "host" "0.0.0.0") "output_dir" (printf "%s/runs" .Values.checkpoints.mountPath) "run_id" (include "rlhf.runId" .) "checkpoint" (dict "resume" "auto") }}
+{{- $services = merge $services (include "rlhf.clientSecurity" . | fromYaml) }}
+{{- $server := merge (dict "host" "0.0.0.0") (include "rlhf.serverSecurity" (dict "root" . "name" "controller") | fromYaml) }}
+{{- $base := dict "services" $services "server" $server "output_dir" (printf "%s/runs" .Values.checkpoints.mountPath) "run_id" (include "rlhf.runId" .) "checkpoint" (dict "resume" "auto") }}
 {{- $c := .Values.controller }}
 {{- $owned := dict "server" (dict "port" $c.ports.grpc "metrics_port" $c.ports.metrics) }}
 {{- $cfg := mergeOverwrite $base (deepCopy (default dict $c.config)) $owned }}
@@ -209,18 +212,20 @@ A component's probes: the global `probes` with its own over them.
 {{- define "rlhf.probes" -}}
 {{- $p := mergeOverwrite (deepCopy .root.Values.probes) (deepCopy (default dict .c.probes)) }}
 {{- $port := int .c.ports.grpc }}
-startupProbe:
+{{- range $probe := list "startup" "readiness" "liveness" }}
+{{ $probe }}Probe:
+  {{- if $.root.Values.tls.enabled }}
+  {{- /* kubelet's gRPC probes speak only plain text (before Kubernetes 1.37) */}}
+  exec:
+    command:
+      {{- $args := list "python" "/etc/rlhf/health_check.py" (printf "127.0.0.1:%d" $port) (toString (default 1 (index $p $probe).timeoutSeconds)) }}
+      {{- concat $args (include "rlhf.tlsClientArgs" $.root | fromYamlArray) | toYaml | nindent 6 }}
+  {{- else }}
   grpc:
     port: {{ $port }}
-  {{- toYaml $p.startup | nindent 2 }}
-readinessProbe:
-  grpc:
-    port: {{ $port }}
-  {{- toYaml $p.readiness | nindent 2 }}
-livenessProbe:
-  grpc:
-    port: {{ $port }}
-  {{- toYaml $p.liveness | nindent 2 }}
+  {{- end }}
+  {{- toYaml (index $p $probe) | nindent 2 }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -451,6 +456,7 @@ spec:
         - name: config
           mountPath: /etc/rlhf
           readOnly: true
+        {{- with include "rlhf.securityVolumeMounts" . }}{{ . | trim | nindent 8 }}{{ end }}
         {{- include "rlhf.commonVolumeMounts" . | trim | nindent 8 }}
         {{- if hasPrefix "pvc://" $src }}
         - name: models
@@ -465,6 +471,7 @@ spec:
     - name: config
       configMap:
         name: {{ include "rlhf.componentName" . }}
+    {{- with include "rlhf.securityVolumes" . }}{{ . | trim | nindent 4 }}{{ end }}
     {{- include "rlhf.commonVolumes" . | trim | nindent 4 }}
     {{- if hasPrefix "pvc://" $src }}
     - name: models
@@ -504,4 +511,170 @@ Context: dict "root" $ "c" VALUES (for the image) "job" sft|rewardModel.
     - name: checkpoints
       mountPath: {{ .root.Values.checkpoints.mountPath }}
       readOnly: true
+{{- end }}
+
+{{/*
+--- Who may call the services: TLS, bearer tokens (docs/kubernetes.md "Security").
+*/}}
+
+{{/*
+The Secret of the bearer tokens: auth.existingSecret or <fullname>-auth (root context).
+*/}}
+{{- define "rlhf.authSecretName" -}}
+{{- default (printf "%s-auth" (include "rlhf.fullname" .)) .Values.auth.existingSecret }}
+{{- end }}
+
+{{/*
+The kubernetes.io/tls Secret every pod mounts: tls.secretName, or with
+cert-manager <fullname>-tls (root context).
+*/}}
+{{- define "rlhf.tlsSecretName" -}}
+{{- $t := .Values.tls }}
+{{- if $t.secretName }}
+{{- $t.secretName }}
+{{- else if $t.certManager.enabled }}
+{{- printf "%s-tls" (include "rlhf.fullname" .) }}
+{{- else }}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret with ca.crt) or tls.certManager.enabled" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The name the chart's own TLS clients (controller, probes, helm test) check the
+servers' certificate against: <fullname>.<namespace>.svc. The controller dials
+the pod addresses that discovery finds, not a Service name, and every server
+of the release presents the same certificate, so one name serves them all.
+*/}}
+{{- define "rlhf.tlsServerName" -}}
+{{- printf "%s.%s.svc" (include "rlhf.fullname" .) .Release.Namespace }}
+{{- end }}
+
+{{/*
+The tokens a component's server accepts: every model service the
+controller's, the reward service also the clients', the controller the
+admin's. Context: dict "root" $ "name" COMPONENT.
+*/}}
+{{- define "rlhf.acceptedTokens" -}}
+{{- if eq .name "controller" }}admin
+{{- else if eq .name "reward" }}controller client
+{{- else if has .name (splitList " " (include "rlhf.modelServices" .root)) }}controller
+{{- end }}
+{{- end }}
+
+{{/*
+The token files a component's pod gets at /etc/rlhf/auth/<file>: those it
+accepts, and for the controller the one it sends.
+*/}}
+{{- define "rlhf.authFiles" -}}
+{{- include "rlhf.acceptedTokens" . }}{{ if eq .name "controller" }} controller{{ end }}
+{{- end }}
+
+{{/*
+`server:` fields of a process's YAML: TLS and the tokens it accepts, with their
+scopes (services/auth.py). Context: dict "root" $ "name" COMPONENT.
+*/}}
+{{- define "rlhf.serverSecurity" -}}
+{{- $v := .root.Values }}
+{{- if $v.tls.enabled }}
+tls:
+  cert_file: /etc/rlhf/tls/tls.crt
+  key_file: /etc/rlhf/tls/tls.key
+  {{- if $v.tls.mutual }}
+  client_ca_file: /etc/rlhf/tls/ca.crt
+  {{- end }}
+{{- end }}
+{{- if $v.auth.enabled }}
+{{- $scopes := dict "controller" (list "score" "infer" "train") "client" (list "score") "admin" (list "admin") }}
+{{- $holders := dict "controller" "controller" "client" "clients" "admin" "admin" }}
+auth:
+  tokens:
+    {{- range $file := splitList " " (include "rlhf.acceptedTokens" .) }}
+    - name: {{ index $holders $file }}
+      scopes: {{ index $scopes $file | toJson }}
+      file: /etc/rlhf/auth/{{ $file }}
+    {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+`services:` fields of the controller's YAML: how it reaches the model
+services (TLS, its token). Root context.
+*/}}
+{{- define "rlhf.clientSecurity" -}}
+{{- if .Values.tls.enabled }}
+tls:
+  ca_file: /etc/rlhf/tls/ca.crt
+  server_name: {{ include "rlhf.tlsServerName" . }}
+  {{- if .Values.tls.mutual }}
+  cert_file: /etc/rlhf/tls/tls.crt
+  key_file: /etc/rlhf/tls/tls.key
+  {{- end }}
+{{- end }}
+{{- if .Values.auth.enabled }}
+token_file: /etc/rlhf/auth/controller
+{{- end }}
+{{- end }}
+
+{{/*
+health_check.py's TLS arguments, as a YAML list (root context).
+*/}}
+{{- define "rlhf.tlsClientArgs" -}}
+{{- $args := list "--ca" "/etc/rlhf/tls/ca.crt" "--server-name" (include "rlhf.tlsServerName" .) }}
+{{- if .Values.tls.mutual }}
+{{- $args = concat $args (list "--cert" "/etc/rlhf/tls/tls.crt" "--key" "/etc/rlhf/tls/tls.key") }}
+{{- end }}
+{{- toYaml $args }}
+{{- end }}
+
+{{/*
+The TLS and token Secrets a pod mounts, read-only and readable by the pod's
+group only (fsGroup). Context: dict "root" $ "name" COMPONENT.
+*/}}
+{{- define "rlhf.securityVolumes" -}}
+{{- $v := .root.Values }}
+{{- if $v.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ include "rlhf.tlsSecretName" .root }}
+    defaultMode: 0440
+    items:
+      - {key: tls.crt, path: tls.crt}
+      - {key: tls.key, path: tls.key}
+      - {key: ca.crt, path: ca.crt}
+{{- end }}
+{{- $files := include "rlhf.authFiles" . }}
+{{- if and $v.auth.enabled $files }}
+- name: auth
+  secret:
+    secretName: {{ include "rlhf.authSecretName" .root }}
+    defaultMode: 0440
+    items:
+      {{- range $file := splitList " " $files }}
+      - key: {{ index $v.auth.keys $file }}
+        path: {{ $file }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "rlhf.securityVolumeMounts" -}}
+{{- if .root.Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/rlhf/tls
+  readOnly: true
+{{- end }}
+{{- if and .root.Values.auth.enabled (include "rlhf.authFiles" .) }}
+- name: auth
+  mountPath: /etc/rlhf/auth
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+With TLS on, the probe script in each process's ConfigMap (root context).
+*/}}
+{{- define "rlhf.probeScript" -}}
+{{- if .Values.tls.enabled }}
+health_check.py: |
+  {{- .Files.Get "files/scripts/health_check.py" | nindent 2 }}
+{{- end }}
 {{- end }}

@@ -8,14 +8,36 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainKey(_message.Message):
-    __slots__ = ("run_id", "step", "minibatch_index")
+    __slots__ = ("run_id", "step", "minibatch_index", "secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MINIBATCH_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     step: int
     minibatch_index: int
-    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., minibatch_index: _Optional[int] = ...) -> None: ...
+    secret: str
+    def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., minibatch_index: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("run_id", "secret")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    secret: str
+    def __init__(self, run_id: _Optional[str] = ..., secret: _Optional[str] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: Lease
+    def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ()
@@ -54,14 +76,18 @@ class ModelInfo(_message.Message):
     def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
-    __slots__ = ("path", "training_state", "keep")
+    __slots__ = ("path", "training_state", "keep", "lease", "overwrite")
     PATH_FIELD_NUMBER: _ClassVar[int]
     TRAINING_STATE_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    OVERWRITE_FIELD_NUMBER: _ClassVar[int]
     path: str
     training_state: bool
     keep: int
-    def __init__(self, path: _Optional[str] = ..., training_state: _Optional[bool] = ..., keep: _Optional[int] = ...) -> None: ...
+    lease: Lease
+    overwrite: bool
+    def __init__(self, path: _Optional[str] = ..., training_state: _Optional[bool] = ..., keep: _Optional[int] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., overwrite: _Optional[bool] = ...) -> None: ...
 
 class SaveCheckpointResponse(_message.Message):
     __slots__ = ("path", "model_version", "files", "instance_id")
@@ -76,10 +102,12 @@ class SaveCheckpointResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ..., model_version: _Optional[int] = ..., files: _Optional[_Iterable[str]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class LoadCheckpointRequest(_message.Message):
-    __slots__ = ("path",)
+    __slots__ = ("path", "lease")
     PATH_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     path: str
-    def __init__(self, path: _Optional[str] = ...) -> None: ...
+    lease: Lease
+    def __init__(self, path: _Optional[str] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class LoadCheckpointResponse(_message.Message):
     __slots__ = ("path", "model_version", "instance_id")

@@ -113,7 +113,7 @@ class PolicyTrainRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class PolicyTrainResponse(_message.Message):
-    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id")
+    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id", "skipped")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class PolicyTrainResponse(_message.Message):
     REWARD_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     REWARD_MARGIN_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     loss: float
     policy_loss: float
     clip_fraction: float
@@ -140,4 +141,5 @@ class PolicyTrainResponse(_message.Message):
     reward_accuracy: float
     reward_margin: float
     instance_id: str
-    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ..., instance_id: _Optional[str] = ..., skipped: _Optional[bool] = ...) -> None: ...

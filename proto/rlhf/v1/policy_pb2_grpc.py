@@ -61,6 +61,11 @@ class PolicyServiceStub:
                 request_serializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.SerializeToString,
                 response_deserializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/rlhf.v1.PolicyService/Release',
+                request_serializer=rlhf_dot_v1_dot_common__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=rlhf_dot_v1_dot_common__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/rlhf.v1.PolicyService/Info',
                 request_serializer=rlhf_dot_v1_dot_common__pb2.InfoRequest.SerializeToString,
@@ -112,6 +117,13 @@ class PolicyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Release(self, request, context):
+        """Ends this run's lease on the trainer (train scope; see TrainKey.secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -153,6 +165,11 @@ def add_PolicyServiceServicer_to_server(servicer, server):
                     servicer.LoadCheckpoint,
                     request_deserializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.FromString,
                     response_serializer=rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=rlhf_dot_v1_dot_common__pb2.ReleaseRequest.FromString,
+                    response_serializer=rlhf_dot_v1_dot_common__pb2.ReleaseResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -300,6 +317,33 @@ class PolicyService:
             '/rlhf.v1.PolicyService/LoadCheckpoint',
             rlhf_dot_v1_dot_common__pb2.LoadCheckpointRequest.SerializeToString,
             rlhf_dot_v1_dot_common__pb2.LoadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/rlhf.v1.PolicyService/Release',
+            rlhf_dot_v1_dot_common__pb2.ReleaseRequest.SerializeToString,
+            rlhf_dot_v1_dot_common__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

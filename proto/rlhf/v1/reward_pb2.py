@@ -26,7 +26,7 @@ from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/tensor.proto\"/\n\tTextPairs\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\"e\n\x0cScoreRequest\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12#\n\x05texts\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.TextPairsH\x00\x42\x07\n\x05input\"G\n\rScoreResponse\x12\x1f\n\x06scores\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\"A\n\x0c\x43omparePairs\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12\x10\n\x08rejected\x18\x03 \x03(\t\"6\n\x0e\x43ompareRequest\x12$\n\x05pairs\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ComparePairs\"\x9d\x01\n\x0f\x43ompareResponse\x12&\n\rchosen_scores\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12(\n\x0frejected_scores\x18\x02 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12!\n\x08p_chosen\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x32\xff\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12\x46\n\rCompareStream\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse(\x01\x30\x01\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/reward.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/tensor.proto\"/\n\tTextPairs\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\"e\n\x0cScoreRequest\x12\'\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensorH\x00\x12#\n\x05texts\x18\x02 \x01(\x0b\x32\x12.rlhf.v1.TextPairsH\x00\x42\x07\n\x05input\"W\n\rScoreResponse\x12\x1f\n\x06scores\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x0e\n\x06values\x18\x03 \x03(\x02\"A\n\x0c\x43omparePairs\x12\x0f\n\x07prompts\x18\x01 \x03(\t\x12\x0e\n\x06\x63hosen\x18\x02 \x03(\t\x12\x10\n\x08rejected\x18\x03 \x03(\t\"6\n\x0e\x43ompareRequest\x12$\n\x05pairs\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.ComparePairs\"\xe6\x01\n\x0f\x43ompareResponse\x12&\n\rchosen_scores\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12(\n\x0frejected_scores\x18\x02 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12!\n\x08p_chosen\x18\x03 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x15\n\rchosen_values\x18\x05 \x03(\x02\x12\x17\n\x0frejected_values\x18\x06 \x03(\x02\x12\x17\n\x0fp_chosen_values\x18\x07 \x03(\x02\x32\xff\x01\n\rRewardService\x12\x36\n\x05Score\x12\x15.rlhf.v1.ScoreRequest\x1a\x16.rlhf.v1.ScoreResponse\x12<\n\x07\x43ompare\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse\x12\x46\n\rCompareStream\x12\x17.rlhf.v1.CompareRequest\x1a\x18.rlhf.v1.CompareResponse(\x01\x30\x01\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,13 +38,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST']._serialized_start=126
   _globals['_SCOREREQUEST']._serialized_end=227
   _globals['_SCORERESPONSE']._serialized_start=229
-  _globals['_SCORERESPONSE']._serialized_end=300
-  _globals['_COMPAREPAIRS']._serialized_start=302
-  _globals['_COMPAREPAIRS']._serialized_end=367
-  _globals['_COMPAREREQUEST']._serialized_start=369
-  _globals['_COMPAREREQUEST']._serialized_end=423
-  _globals['_COMPARERESPONSE']._serialized_start=426
-  _globals['_COMPARERESPONSE']._serialized_end=583
-  _globals['_REWARDSERVICE']._serialized_start=586
-  _globals['_REWARDSERVICE']._serialized_end=841
+  _globals['_SCORERESPONSE']._serialized_end=316
+  _globals['_COMPAREPAIRS']._serialized_start=318
+  _globals['_COMPAREPAIRS']._serialized_end=383
+  _globals['_COMPAREREQUEST']._serialized_start=385
+  _globals['_COMPAREREQUEST']._serialized_end=439
+  _globals['_COMPARERESPONSE']._serialized_start=442
+  _globals['_COMPARERESPONSE']._serialized_end=672
+  _globals['_REWARDSERVICE']._serialized_start=675
+  _globals['_REWARDSERVICE']._serialized_end=930
 # @@protoc_insertion_point(module_scope)

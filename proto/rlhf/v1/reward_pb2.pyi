@@ -25,12 +25,14 @@ class ScoreRequest(_message.Message):
     def __init__(self, tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., texts: _Optional[_Union[TextPairs, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("scores", "model_version")
+    __slots__ = ("scores", "model_version", "values")
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
     scores: _tensor_pb2.Tensor
     model_version: int
-    def __init__(self, scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComparePairs(_message.Message):
     __slots__ = ("prompts", "chosen", "rejected")
@@ -49,13 +51,19 @@ class CompareRequest(_message.Message):
     def __init__(self, pairs: _Optional[_Union[ComparePairs, _Mapping]] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("chosen_scores", "rejected_scores", "p_chosen", "model_version")
+    __slots__ = ("chosen_scores", "rejected_scores", "p_chosen", "model_version", "chosen_values", "rejected_values", "p_chosen_values")
     CHOSEN_SCORES_FIELD_NUMBER: _ClassVar[int]
     REJECTED_SCORES_FIELD_NUMBER: _ClassVar[int]
     P_CHOSEN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHOSEN_VALUES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    P_CHOSEN_VALUES_FIELD_NUMBER: _ClassVar[int]
     chosen_scores: _tensor_pb2.Tensor
     rejected_scores: _tensor_pb2.Tensor
     p_chosen: _tensor_pb2.Tensor
     model_version: int
-    def __init__(self, chosen_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rejected_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., p_chosen: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ...) -> None: ...
+    chosen_values: _containers.RepeatedScalarFieldContainer[float]
+    rejected_values: _containers.RepeatedScalarFieldContainer[float]
+    p_chosen_values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, chosen_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., rejected_scores: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., p_chosen: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., model_version: _Optional[int] = ..., chosen_values: _Optional[_Iterable[float]] = ..., rejected_values: _Optional[_Iterable[float]] = ..., p_chosen_values: _Optional[_Iterable[float]] = ...) -> None: ...

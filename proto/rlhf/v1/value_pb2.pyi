@@ -40,7 +40,7 @@ class ValueTrainRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class ValueTrainResponse(_message.Message):
-    __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance", "instance_id")
+    __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance", "instance_id", "skipped")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ValueTrainResponse(_message.Message):
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
     EXPLAINED_VARIANCE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     loss: float
     clip_fraction: float
     grad_norm: float
@@ -57,4 +58,5 @@ class ValueTrainResponse(_message.Message):
     replayed: bool
     explained_variance: float
     instance_id: str
-    def __init__(self, loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., grad_norm: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., explained_variance: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    skipped: bool
+    def __init__(self, loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., grad_norm: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., explained_variance: _Optional[float] = ..., instance_id: _Optional[str] = ..., skipped: _Optional[bool] = ...) -> None: ...

@@ -70,22 +70,26 @@ def status_for(error: Exception) -> grpc.StatusCode:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions raised by unary handlers into gRPC status codes."""
+    """Parses requests and turns exceptions raised by handlers into gRPC status codes.
+
+    The request bytes are parsed here rather than by gRPC, so that bytes that
+    are not the method's message (corrupt wire format, invalid UTF-8 in a
+    string) end in INVALID_ARGUMENT instead of UNKNOWN or INTERNAL.
+    """
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
-        serializers = dict(
-            request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-        )
+        parse = handler.request_deserializer or (lambda raw: raw)
+        serializers = dict(request_deserializer=None, response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
-            async def unary(request, context):
+            async def unary(raw, context):
                 try:
-                    return await inner(request, context)
+                    return await inner(_parse(parse, raw), context)
                 except Exception as error:  # noqa: BLE001 - every error becomes a status
                     await _abort(context, method, error)
 
@@ -93,15 +97,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream is not None:
             inner_stream = handler.stream_stream
 
-            async def streaming(request_iterator, context):
+            async def streaming(raw_iterator, context):
                 try:
-                    async for reply in inner_stream(request_iterator, context):
+                    async for reply in inner_stream(_parsed(parse, raw_iterator), context):
                         yield reply
                 except Exception as error:  # noqa: BLE001 - every error becomes a status
                     await _abort(context, method, error)
 
             return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
         return handler
+
+
+def _parse(parse, raw):
+    try:
+        return parse(raw)
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError, or UnicodeDecodeError on a bad string
+        raise InvalidArgument("request", f"not a valid message of this method: {error}") from None
+
+
+async def _parsed(parse, raw_iterator):
+    async for raw in raw_iterator:
+        yield _parse(parse, raw)
 
 
 async def _abort(context, method: str, error: Exception) -> None:

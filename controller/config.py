@@ -47,7 +47,7 @@ class PPOConfig(Strict):
     ppo_epochs: int = Field(4, ge=1, description="Passes over each batch")
     micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward in the services; 0 = their default")
     max_new_tokens: int = Field(32, ge=1, description="Most response tokens")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature (log-probs use the same)")
+    temperature: float = Field(1.0, ge=0.01, le=100, description="Sampling temperature (log-probs use the same)")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling; 1 disables")
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty (initial value if adaptive)")
@@ -57,7 +57,7 @@ class PPOConfig(Strict):
     kl_horizon: int = Field(10000, ge=1, description="Horizon of the adaptive controller, in samples")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
-    clip_range: float = Field(0.2, gt=0, description="Policy ratio clip epsilon")
+    clip_range: float = Field(0.2, gt=0, le=1000, description="Policy ratio clip epsilon")
     clip_range_value: float = Field(0.2, ge=0, description="Value clip around old values; 0 disables")
     whiten_advantages: bool = Field(True, description="Normalise advantages over the batch")
     reward_clip: float | None = Field(None, gt=0, description="Clip RM scores to [-c, c]")
@@ -78,7 +78,7 @@ class DPOConfig(Strict):
 
     total_steps: int = Field(100, ge=1, description="DPO optimizer steps (one Policy.Train each)")
     batch_size: int = Field(16, ge=1, description="Preference pairs per step")
-    beta: float = Field(0.1, gt=0, description="DPO temperature beta")
+    beta: float = Field(0.1, gt=0, le=1000, description="DPO temperature beta")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed probability of a flipped label (cDPO)")
     micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward in the policy; 0 = its default")
 
@@ -124,8 +124,9 @@ class ControllerConfig(Strict):
     """Everything the controller reads."""
 
     run_id: str | None = Field(
-        None, description="Names the run in Train keys and checkpoints; default: the id in output_dir/run.json, "
-        "or a fresh one for a new run")
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Names the run in Train keys and checkpoints (1-128 letters, digits, . _ -); default: the id "
+        "in output_dir/run.json, or a fresh one for a new run")
     algorithm: Literal["ppo", "dpo"] = Field("ppo", description="ppo (four services) or dpo (policy + reference)")
     services: Endpoints = Endpoints()
     ppo: PPOConfig = PPOConfig()

@@ -29,6 +29,9 @@ VERSION = STEPS * 2 * 2  # optimizer steps per run: 2 PPO epochs x 2 minibatches
 SOAK = [(role, phase) for role in ("policy", "value") for phase in ("generate", "score", "train")]
 
 
+FIXTURE = common_pb2.Lease(run_id="fixture")  # the run the untrained state is saved under
+
+
 def trainer_call(mesh: LocalMesh, role: str, method: str, request):
     stub = {"policy": policy_pb2_grpc.PolicyServiceStub, "value": value_pb2_grpc.ValueServiceStub}[role]
     with grpc.insecure_channel(mesh.endpoints[role]) as channel:
@@ -45,7 +48,8 @@ def mesh(tiny_dirs, tmp_path_factory):
         asyncio.run(running.wait_ready(180))
         for role in ("policy", "value"):
             trainer_call(running, role, "SaveCheckpoint", common_pb2.SaveCheckpointRequest(
-                path="pristine", training_state=True))
+                path="pristine", training_state=True, lease=FIXTURE))
+            trainer_call(running, role, "Release", common_pb2.ReleaseRequest(lease=FIXTURE))
         yield running
 
 
@@ -53,8 +57,11 @@ def fresh_trainers(mesh: LocalMesh) -> None:
     """Put policy and value back to their untrained state (a new run refuses trained ones)."""
     asyncio.run(mesh.wait_ready(180))
     for role in ("policy", "value"):
-        reply = trainer_call(mesh, role, "LoadCheckpoint", common_pb2.LoadCheckpointRequest(path="pristine"))
+        reply = trainer_call(mesh, role, "LoadCheckpoint", common_pb2.LoadCheckpointRequest(path="pristine",
+                                                                                           lease=FIXTURE))
         assert reply.model_version == 0
+        # the next run takes the trainers: a finished run released them, and so does this fixture
+        assert trainer_call(mesh, role, "Release", common_pb2.ReleaseRequest(lease=FIXTURE)).released
 
 
 def final_weights(mesh: LocalMesh, run: ControllerRun) -> dict[str, dict[str, torch.Tensor]]:

@@ -7,6 +7,7 @@ without enable_reflection `describe rlhf.v1.ReferenceService` answered "Symbol n
 
 import base64
 import concurrent.futures
+import hashlib
 import subprocess
 import sys
 
@@ -56,10 +57,16 @@ def stub_server():
         process.wait(30)
 
 
+APP_TOKEN = "application-team-token"
+BEARER = (f"authorization: Bearer {APP_TOKEN}",)
+
+
 @pytest.fixture(scope="module")
 def reward(tiny_dirs):
-    """A reward service with a tiny model on a loopback port (services/serving.py: reflection by enable_reflection)."""
-    with ServerThread(service_config("reward", tiny_dirs["rm"])).start() as server:
+    """A reward service with a tiny model on a loopback port, asking for a `score` token as deployed
+    (services/serving.py: reflection by enable_reflection, open without a token)."""
+    auth = {"tokens": [{"name": "app", "scopes": ["score"], "sha256": hashlib.sha256(APP_TOKEN.encode()).hexdigest()}]}
+    with ServerThread(service_config("reward", tiny_dirs["rm"], server={"auth": auth})).start() as server:
         yield server.address
 
 
@@ -104,7 +111,10 @@ def test_the_reward_service_describes_its_methods_as_served(reward):
 
 def test_grpcurl_scores_text_pairs_and_reads_plain_values_equal_to_the_raw_tensor(reward):
     prompts, responses = ["Say hi: ", "Count to three: ", "Name a colour: "], ["hi there", "1 2 3", "blue"]
-    reply = call(reward, f"{REWARD.full_name}/Score", {"texts": {"prompts": prompts, "responses": responses}})
+    request = {"texts": {"prompts": prompts, "responses": responses}}
+    with pytest.raises(AssertionError, match="Unauthenticated"):
+        call(reward, f"{REWARD.full_name}/Score", request)
+    reply = call(reward, f"{REWARD.full_name}/Score", request, headers=BEARER)
     scores = tensor_from_json(reply["scores"])
     assert scores.shape == (3,)
     np.testing.assert_array_equal(plain(reply["values"]), scores)  # the same float32 numbers, bit for bit
@@ -112,7 +122,7 @@ def test_grpcurl_scores_text_pairs_and_reads_plain_values_equal_to_the_raw_tenso
 
 def test_grpcurl_compares_pairs_and_reads_plain_values_equal_to_the_raw_tensors(reward):
     pairs = {"prompts": ["Q: ", "Say hi: "], "chosen": ["a", "hi there"], "rejected": ["b", "no"]}
-    reply = call(reward, f"{REWARD.full_name}/Compare", {"pairs": pairs})
+    reply = call(reward, f"{REWARD.full_name}/Compare", {"pairs": pairs}, headers=BEARER)
     chosen, rejected = tensor_from_json(reply["chosen_scores"]), tensor_from_json(reply["rejected_scores"])
     p_chosen = tensor_from_json(reply["p_chosen"])
     assert chosen.shape == rejected.shape == p_chosen.shape == (2,)

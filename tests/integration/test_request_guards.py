@@ -21,9 +21,8 @@ from hypothesis import strategies as st
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2, value_pb2_grpc
 from services import codec
 from services.batch import Sequences, budget_chunks
-from tests.support.rpc import expect_invalid, float_rows, ppo_train, score_texts, text_generate, value_train
+from tests.support.rpc import expect_invalid, ppo_train, score_texts, text_generate, value_train
 from tests.support.servers import ServerThread, service_config
-from training import synthetic
 
 
 @pytest.fixture(scope="module")

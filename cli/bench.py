@@ -59,3 +59,22 @@ def metrics(
 
     setup_logging()
     run(model, processes, rounds, requests, pairs, concurrency, scrape_interval, as_json)
+
+
+def overload(
+    model: str = typer.Option(None, help="Reward model directory or hub id (default: the demo's tiny GPT-2 + score head)"),
+    queue: int = typer.Option(32, help="The service's batching.max_queue: calls in flight at saturation"),
+    batch: int = typer.Option(32, help="The service's batching.max_batch_size"),
+    factor: int = typer.Option(4, help="Overload: this many times the queue in flight"),
+    rounds: int = typer.Option(6, help="Timed rounds per load, alternating"),
+    seconds: float = typer.Option(5.0, help="Seconds per round"),
+    pairs: int = typer.Option(1, help="(prompt, response) pairs per Score call"),
+    backoff_ms: float = typer.Option(0.0, help="A refused caller waits this long (jittered) before its next call; "
+                                     "0: at once"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Reward.Score at saturation vs overload: successful throughput ratio and how fast refusals come back."""
+    from bench.overload import bench_overload as run
+
+    setup_logging()
+    run(model, queue, batch, factor, rounds, seconds, pairs, backoff_ms, as_json)

@@ -19,6 +19,7 @@ app.add_typer(bench_app, name="bench")
 bench_app.command("generate")(bench.generate)
 bench_app.command("train-rm")(bench.train_rm)
 bench_app.command("metrics")(bench.metrics)
+bench_app.command("overload")(bench.overload)
 
 if __name__ == "__main__":
     app()

@@ -148,8 +148,8 @@ class ServerConfig(ListenConfig):
         None, description="SaveCheckpoint paths are relative to this directory; default checkpoints/<role>"
     )
     checkpoint_max_count: int = Field(
-        64, ge=1, description="Most checkpoints (weights and training states) kept in checkpoint_dir; "
-        "SaveCheckpoint beyond it is RESOURCE_EXHAUSTED")
+        256, ge=1, description="Most checkpoints (weights, and training states under runs/<run_id>/) kept in "
+        "checkpoint_dir; SaveCheckpoint beyond it is RESOURCE_EXHAUSTED. Finished runs' states stay until removed")
     checkpoint_max_gb: float = Field(
         1024.0, gt=0, description="Most GiB checkpoint_dir may hold; a SaveCheckpoint that would pass it is "
         "RESOURCE_EXHAUSTED")

@@ -1,5 +1,6 @@
 """Who may call what: bearer tokens with scopes, TLS and mutual TLS, reflection switched off."""
 
+import asyncio
 import hashlib
 import shutil
 
@@ -8,6 +9,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from controller.clients import ServiceClients
 from rlhf.v1 import common_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 from services.config import ClientSecurity
 from tests.support.rpc import text_generate
@@ -122,3 +124,32 @@ def test_mutual_tls_admits_only_clients_with_a_certificate_of_the_ca(tiny_dirs, 
         no_token = as_client(tmp_path, None, ca_file=certs["ca.crt"], cert_file=certs["client.crt"],
                              key_file=certs["client.key"])
         assert status_of(lambda: score(no_token)) == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
+@pytest.mark.parametrize("with_tls", [True, False])
+def test_the_controllers_clients_send_their_token_with_or_without_tls(tiny_dirs, tmp_path, with_tls):
+    certs = make_certificates(tmp_path / "certs")
+    server = {"auth": tokens(tmp_path)}
+    client_tls = {}
+    if with_tls:
+        server["tls"] = {"cert_file": certs["server.crt"], "key_file": certs["server.key"],
+                         "client_ca_file": certs["ca.crt"]}
+        client_tls = {"ca_file": certs["ca.crt"], "cert_file": certs["client.crt"], "key_file": certs["client.key"]}
+    with ServerThread(service_config("reward", tiny_dirs["rm"], server=server)).start() as reward:
+        async def score(token):
+            clients = ServiceClients({"reward": reward.address}, timeout=20, retries=0, wait_seconds=5,
+                                     security=as_client(tmp_path, token, **client_tls))
+            try:
+                await clients.wait_ready(30)  # health checks need no token
+                infos = await clients.infos()
+                reply = await clients.one("reward", lambda s: s.Score, score_request())
+                return infos["reward"][0].role, list(reply.values)
+            finally:
+                await clients.close()
+
+        role, values = asyncio.run(score(TRAINER))
+        assert role == "reward" and len(values) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            asyncio.run(score(None))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -115,6 +115,9 @@ def _report(summary: dict, out: str) -> None:
 def _run(out: str, opts: dict, load: Callable, phase: int, fit: Callable) -> None:
     """Validate, load and split the data, then `fit(train, eval, cfg)`; errors become one line."""
     setup_logging()
+    from services.cpus import apply_threads
+
+    apply_threads()  # this process's share of the CPUs it may use
     try:
         cfg = _trainer_config(out, opts)
         records, report = load(skip_bad_rows=opts["skip_bad_rows"])

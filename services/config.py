@@ -143,7 +143,9 @@ class ServerConfig(ListenConfig):
 
     port: int | None = Field(None, ge=0, le=65535, description="gRPC port; 0 picks a free one; default per role")
     grace_seconds: float = Field(10.0, ge=0, description="How long SIGTERM waits for in-flight requests")
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads; default: the CPUs this process may use (affinity mask and "
+        "cgroup CPU quota), divided among the processes a launcher started together (RLHF_PROCESSES_PER_HOST)")
     checkpoint_dir: str | None = Field(
         None, description="SaveCheckpoint paths are relative to this directory; default checkpoints/<role>"
     )

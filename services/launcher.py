@@ -23,6 +23,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cpus import PROCESSES_ENV, set_passive_openmp
+
 ROLES = ("policy", "reference", "reward", "value")
 DISTRIBUTED_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -78,6 +80,8 @@ class LocalMesh:
 
     def _env(self, role: str, rank: int, master_port: int) -> dict[str, str]:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env[PROCESSES_ENV] = str(sum(self.replicas.values()))  # the services share this machine's CPUs
+        set_passive_openmp(env)
         for name in DISTRIBUTED_ENV:  # by default each service forms its own torch.distributed world
             env.pop(name, None)
         if role in GROUPED and self.replicas[role] > 1:

@@ -332,8 +332,11 @@ class ServiceMetrics:
             log.info("%s metrics on %s", self.role, self.endpoint.url)
 
     def model_loaded(self, servicer, seconds: float) -> None:
-        """Record the load time, the checkpoint, and device memory when the model sits on a GPU."""
+        """Record the load time, the checkpoint, the torch threads, and device memory when the model sits on a GPU."""
         self.load_seconds.set(seconds)
+        if servicer.threads is not None:
+            Gauge("rlhf_torch_threads", "torch intra-op threads of the process (see services/cpus.py).", ["role"],
+                  registry=self.registry).labels(self.role).set(servicer.threads.intra_op)
         cfg, m = servicer.cfg.model, servicer.loaded
         self._info.labels(self.role, cfg.path, str(m.device), cfg.dtype).set(1)
         if getattr(m.device, "type", str(m.device)) == "cuda":

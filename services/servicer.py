@@ -29,6 +29,7 @@ from services.checkpoint import (
     save_training_state,
 )
 from services.config import ServiceConfig
+from services.cpus import ThreadPlan, apply_threads
 from services.engine import TrainEngine
 from services.errors import GroupRejected, InvalidArgument, NotReady, Refused, WrongRank
 from services.idempotency import AppliedSteps, TrainerLease, check_run_id, key_from_pb
@@ -49,6 +50,7 @@ class ModelServicer:
         self.cfg = cfg
         self.instance_id = uuid.uuid4().hex  # new on every start: clients tell a restarted process by it
         self.loaded: LoadedModel | None = None
+        self.threads: ThreadPlan | None = None  # set when the model loads
         self.draining = False
         self.metrics: ServiceMetrics | NoMetrics | None = None  # set by build_server
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.role}-model")
@@ -57,8 +59,7 @@ class ModelServicer:
 
     def load(self) -> None:
         """Load weights (runs on the model thread); subclasses add engines in after_load."""
-        if self.cfg.server.num_threads:
-            torch.set_num_threads(self.cfg.server.num_threads)
+        self.threads = apply_threads(self.cfg.server.num_threads)
         torch.manual_seed(self.cfg.server.seed)
         loaded = LOADERS[self.role](self.cfg.model)
         # every decoder of token rows enforces the configured rows-per-request bound
@@ -112,6 +113,8 @@ class ModelServicer:
             data_parallel_rank=rank,
             data_parallel_size=size,
             instance_id=self.instance_id,
+            torch_threads=self.threads.intra_op,
+            cpu_limit=self.threads.cpus / self.threads.processes,
         )
 
     def data_parallel(self) -> tuple[int, int]:

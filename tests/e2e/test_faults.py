@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from rlhf.v1 import common_pb2, policy_pb2_grpc, value_pb2_grpc
+from services.cpus import PROCESSES_ENV, plan_threads
 from services.launcher import LocalMesh
 from tests.support.data import write_prompts
 from tests.support.faults import STEPS, ControllerRun, in_phase
@@ -66,6 +67,14 @@ def fresh_trainers(mesh: LocalMesh) -> None:
 
 def final_weights(mesh: LocalMesh, run: ControllerRun) -> dict[str, dict[str, torch.Tensor]]:
     return {role: saved_weights(mesh.run_dir / "checkpoints" / role / f"final-{run.name}") for role in ("policy", "value")}
+
+
+def test_services_started_together_count_their_share_of_the_cpus(mesh):
+    share = plan_threads(1, environ={PROCESSES_ENV: "4"})  # the launcher started four processes
+    for role in ("policy", "value"):
+        info = trainer_call(mesh, role, "Info", common_pb2.InfoRequest())
+        assert info.torch_threads == 1  # the config's num_threads
+        assert info.cpu_limit == pytest.approx(share.cpus / 4)
 
 
 @pytest.fixture(scope="module")

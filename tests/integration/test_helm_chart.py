@@ -249,6 +249,13 @@ def test_model_services_get_gpus_unless_on_cpu(rendered):
             assert limits["nvidia.com/gpu"] == 1, obj["metadata"]["name"]
 
 
+def test_every_rlhf_container_is_limited_to_the_cpus_it_requests(rendered):
+    """The limit is the pod's cgroup quota, which sizes each process's torch threads (services/cpus.py)."""
+    for obj in workloads(rendered):
+        resources = obj["spec"]["template"]["spec"]["containers"][0]["resources"]
+        assert resources["limits"]["cpu"] == resources["requests"]["cpu"], obj["metadata"]["name"]
+
+
 def test_pods_are_locked_down(rendered):
     for name, spec in pod_specs(rendered):
         assert spec["securityContext"]["runAsNonRoot"] is True

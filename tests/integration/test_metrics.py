@@ -77,6 +77,7 @@ def test_model_metrics_follow_the_batches(reward):
     assert value(after, "rlhf_service_ready", role="reward") == 1
     assert value(after, "rlhf_model_version", role="reward") == 0
     assert value(after, "rlhf_model_load_seconds", role="reward") > 0
+    assert value(after, "rlhf_torch_threads", role="reward") == reward.cfg.server.num_threads
     assert value(after, "rlhf_model_info", role="reward", model=str(reward.cfg.model.path), device="cpu", dtype="fp32") == 1
 
 

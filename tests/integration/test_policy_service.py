@@ -36,6 +36,7 @@ def test_info_reports_role_tokenizer_and_limits(policy, tiny_dirs):
     assert len(info.tokenizer_fingerprint) == 64
     assert info.vocab_size == model.config.vocab_size and info.max_sequence_length == 128
     assert info.num_parameters == sum(p.numel() for p in model.parameters())
+    assert info.torch_threads == 1 and info.cpu_limit > 0  # the test config sets num_threads: 1
 
 
 def test_generate_returns_tokens_logprobs_texts_and_version(policy):

@@ -44,7 +44,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("role", "model_name", "tokenizer_fingerprint", "vocab_size", "max_sequence_length", "device", "dtype", "model_version", "eos_token_id", "pad_token_id", "num_parameters", "data_parallel_rank", "data_parallel_size", "instance_id")
+    __slots__ = ("role", "model_name", "tokenizer_fingerprint", "vocab_size", "max_sequence_length", "device", "dtype", "model_version", "eos_token_id", "pad_token_id", "num_parameters", "data_parallel_rank", "data_parallel_size", "instance_id", "torch_threads", "cpu_limit")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class ModelInfo(_message.Message):
     DATA_PARALLEL_RANK_FIELD_NUMBER: _ClassVar[int]
     DATA_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_FIELD_NUMBER: _ClassVar[int]
     role: str
     model_name: str
     tokenizer_fingerprint: str
@@ -73,7 +75,9 @@ class ModelInfo(_message.Message):
     data_parallel_rank: int
     data_parallel_size: int
     instance_id: str
-    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    torch_threads: int
+    cpu_limit: float
+    def __init__(self, role: _Optional[str] = ..., model_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_sequence_length: _Optional[int] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., model_version: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., pad_token_id: _Optional[int] = ..., num_parameters: _Optional[int] = ..., data_parallel_rank: _Optional[int] = ..., data_parallel_size: _Optional[int] = ..., instance_id: _Optional[str] = ..., torch_threads: _Optional[int] = ..., cpu_limit: _Optional[float] = ...) -> None: ...
 
 class SaveCheckpointRequest(_message.Message):
     __slots__ = ("path", "training_state", "keep", "lease", "overwrite")

@@ -78,3 +78,19 @@ def overload(
 
     setup_logging()
     run(model, queue, batch, factor, rounds, seconds, pairs, backoff_ms, as_json)
+
+
+def score(
+    model: str = typer.Option(None, help="Reward model directory or hub id (default: the demo's tiny GPT-2 + score head)"),
+    clients: int = typer.Option(64, help="Concurrent callers"),
+    pairs: int = typer.Option(4, help="(prompt, response) pairs per Score call"),
+    requests: int = typer.Option(256, help="Score calls per round"),
+    rounds: int = typer.Option(6, help="Timed rounds per side, alternating"),
+    batch: int = typer.Option(64, help="Rows per forward pass on both sides (the service's max_batch_size)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """Reward.Score rows/s from concurrent small calls vs one in-process batched forward over the same rows."""
+    from bench.score import bench_score as run
+
+    setup_logging()
+    run(model, clients, pairs, requests, rounds, batch, as_json)

@@ -20,6 +20,7 @@ bench_app.command("generate")(bench.generate)
 bench_app.command("train-rm")(bench.train_rm)
 bench_app.command("metrics")(bench.metrics)
 bench_app.command("overload")(bench.overload)
+bench_app.command("score")(bench.score)
 
 if __name__ == "__main__":
     app()

@@ -113,13 +113,16 @@ def chunks(n: int, size: int) -> list[list[int]]:
     return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
-def budget_chunks(lengths: list[int], size: int, tokens: int) -> list[list[int]]:
-    """Consecutive index lists of at most `size` rows whose padded size (rows x longest row) stays within
-    `tokens`; a row longer than the budget goes alone."""
+def budget_chunks(lengths: list[int], size: int, tokens: int, by_length: bool = False) -> list[list[int]]:
+    """Index lists of at most `size` rows whose padded size (rows x longest row) stays within `tokens`; a row
+    longer than the budget goes alone. Consecutive rows, or with `by_length` rows of similar length together
+    (shortest first), which cuts the padding of a batch of mixed lengths."""
     out: list[list[int]] = []
     current: list[int] = []
     width = 0
-    for i, n in enumerate(lengths):
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if by_length else range(len(lengths))
+    for i in order:
+        n = lengths[i]
         wider = max(width, n)
         if current and (len(current) >= size or wider * (len(current) + 1) > tokens):
             out.append(current)

@@ -291,6 +291,10 @@ class ServiceMetrics:
         self._generated = Counter("rlhf_tokens_generated_total", "Response tokens sampled.", queue, registry=r)
         self._seconds = Histogram("rlhf_inference_seconds", "Seconds per batched model call.", queue,
                                   buckets=SECONDS_BUCKETS, registry=r)
+        waste = Histogram("rlhf_padding_waste", "Share of padded positions in one model call (rows are grouped by "
+                          "length to keep it low).", ["role"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+                          registry=r)
+        servicer.on_padding = waste.labels(role).observe
         if hasattr(servicer, "skipped_steps"):
             r.register(CounterFunction("rlhf_train_steps_skipped", "Train steps not applied because their loss or "
                                        "gradient norm was not finite.", role, lambda: servicer.skipped_steps))

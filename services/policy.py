@@ -7,7 +7,7 @@ import torch
 
 from rlhf.v1 import policy_pb2, policy_pb2_grpc, tensor_pb2
 from services import codec, objectives
-from services.batch import Sequences, budget_chunks, check_budget, check_token_rows, tokens_from_pb
+from services.batch import Sequences, check_budget, check_token_rows, tokens_from_pb
 from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import IGNORE_INDEX, encode_sft_example
@@ -130,14 +130,14 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         m = self.loaded
         sampling = Sampling(*key)
         version = self.model_version()
-        out = []
-        lengths = [int(row.numel()) + sampling.max_new_tokens for row, _ in items]
-        for idx in budget_chunks(lengths, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens):
+
+        def run(idx):
             rows = [items[i][0] for i in idx]
             responses, logprobs, finished = generate(self.trainer.module, rows, sampling, m.pad_id, m.eos_id, m.device,
                                                      [items[i][1] for i in idx], self.generate_batcher.batch_alive)
-            out.extend(zip(responses, logprobs, finished, [version] * len(rows)))
-        return out
+            return list(zip(responses, logprobs, finished, [version] * len(rows)))
+
+        return self.model_calls([int(row.numel()) + sampling.max_new_tokens for row, _ in items], run)
 
     async def Generate(self, request, context):
         with self.generate_batcher.admit():

@@ -4,7 +4,7 @@ import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
-from services.batch import budget_chunks, check_token_rows, tokens_from_pb
+from services.batch import check_token_rows, tokens_from_pb
 from services.batcher import call_alive
 from services.errors import InvalidArgument
 from services.formatting import encode_for_reward
@@ -21,12 +21,9 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
 
     def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
         m = self.loaded
-        out = []
-        lengths = [int(row.numel()) for row in rows]
         with torch.no_grad():
-            for idx in budget_chunks(lengths, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens):
-                out.extend(sequence_scores(m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
-        return out
+            return self.model_calls([int(row.numel()) for row in rows], lambda idx: sequence_scores(
+                m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
 
     def _text_rows(self, pairs: reward_pb2.TextPairs, m) -> list[torch.Tensor]:
         prompts, responses = list(pairs.prompts), list(pairs.responses)

@@ -131,12 +131,24 @@ class ModelServicer:
         """
         m = self.loaded
         batch = Sequences([row for row, _ in items], [p for _, p in items])
-        out = []
-        lengths = [int(row.numel()) for row in batch.rows]
         with torch.no_grad():
-            for idx in budget_chunks(lengths, self.cfg.batching.max_batch_size, self.cfg.batching.max_batch_tokens):
-                out.extend(fn(model, batch.select(idx), m.pad_id, m.device, *args))
+            return self.model_calls([int(row.numel()) for row in batch.rows],
+                                    lambda idx: fn(model, batch.select(idx), m.pad_id, m.device, *args))
+
+    def model_calls(self, lengths: list[int], run) -> list:
+        """run(index list) over chunks of rows of similar length within max_batch_size rows and max_batch_tokens
+        padded tokens; one result per row, in the rows' order. Records each call's padding."""
+        out: list = [None] * len(lengths)
+        cfg = self.cfg.batching
+        for idx in budget_chunks(lengths, cfg.max_batch_size, cfg.max_batch_tokens, by_length=True):
+            width = max(lengths[i] for i in idx)
+            self.on_padding(1 - sum(lengths[i] for i in idx) / (width * len(idx)))
+            for i, result in zip(idx, run(idx)):
+                out[i] = result
         return out
+
+    def on_padding(self, waste: float) -> None:
+        """Hook: the share of padded positions in one model call (metrics observe it)."""
 
     async def answer_logprobs(self, request, batcher, version: int, context) -> common_pb2.LogProbsResponse:
         """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""

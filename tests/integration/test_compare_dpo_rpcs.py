@@ -78,6 +78,7 @@ def test_dpo_train_matches_a_hand_computed_loss(policy):
     expected = (-math.log(1 / (1 + math.exp(-0.75))) - math.log(1 / (1 + math.exp(0.25)))) / 2
     objective = policy_pb2.DPOObjective(sequences=sequences, beta=beta,
                                         reference_logps=codec.tensor_to_pb(torch.tensor(reference)))
+    policy.Release(common_pb2.ReleaseRequest(lease=common_pb2.Lease(run_id="test")), timeout=30)  # the other tests' run
     key = common_pb2.TrainKey(run_id="dpo-test", step=0)
     reply = policy.Train(policy_pb2.PolicyTrainRequest(key=key, dpo=objective, micro_batch_size=2), timeout=120)
     release(policy, "dpo-test")  # the service's other tests train it as run "test"
@@ -89,6 +90,7 @@ def test_dpo_train_matches_a_hand_computed_loss(policy):
 
 def test_dpo_train_rejects_bad_minibatches(policy):
     sequences = policy.Tokenize(policy_pb2.TokenizeRequest(prompts=["a ", "b ", "c "], responses=["x", "y", "z"]), timeout=30)
+    policy.Release(common_pb2.ReleaseRequest(lease=common_pb2.Lease(run_id="test")), timeout=30)  # the other tests' run
     key = common_pb2.TrainKey(run_id="dpo-bad", step=0)
     odd = policy_pb2.DPOObjective(sequences=sequences, beta=0.1, reference_logps=codec.tensor_to_pb(torch.zeros(3)))
     expect_invalid(policy.Train, policy_pb2.PolicyTrainRequest(key=key, dpo=odd), "dpo.sequences")

@@ -78,6 +78,8 @@ def test_model_metrics_follow_the_batches(reward):
     assert value(after, "rlhf_model_version", role="reward") == 0
     assert value(after, "rlhf_model_load_seconds", role="reward") > 0
     assert value(after, "rlhf_torch_threads", role="reward") == reward.cfg.server.num_threads
+    waste = value(after, "rlhf_padding_waste_count", role="reward") - value(before, "rlhf_padding_waste_count", role="reward")
+    assert waste == 1  # one model call
     assert value(after, "rlhf_model_info", role="reward", model=str(reward.cfg.model.path), device="cpu", dtype="fp32") == 1
 
 

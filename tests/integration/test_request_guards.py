@@ -229,3 +229,11 @@ def test_micro_batches_stay_within_the_token_budget():
         for part in parts:
             assert len(part) <= size
             assert len(part) == 1 or len(part) * max(lengths[i] for i in part) <= budget
+
+
+def test_rows_of_similar_length_share_a_model_call():
+    lengths = [50, 3, 48, 4, 51, 5]
+    parts = budget_chunks(lengths, 3, 10_000, by_length=True)
+    assert parts == [[1, 3, 5], [2, 0, 4]]  # short rows together, long rows together
+    assert budget_chunks(lengths, 3, 10_000) == [[0, 1, 2], [3, 4, 5]]
+

@@ -94,3 +94,15 @@ def score(
 
     setup_logging()
     run(model, clients, pairs, requests, rounds, batch, as_json)
+
+
+def ppo(
+    iterations: int = typer.Option(5, help="Timed iterations per side, alternating, after one warm-up each"),
+    mesh_only: bool = typer.Option(False, "--mesh-only", help="Only the mesh (no TRL needed)"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (`ratio`: mesh / TRL median)"),
+):
+    """One PPO iteration of the mesh (four service processes + controller) vs TRL 1.10's PPOTrainer."""
+    from bench.ppo import bench_ppo as run
+
+    setup_logging()
+    run(iterations, mesh_only, as_json)

@@ -21,6 +21,7 @@ bench_app.command("train-rm")(bench.train_rm)
 bench_app.command("metrics")(bench.metrics)
 bench_app.command("overload")(bench.overload)
 bench_app.command("score")(bench.score)
+bench_app.command("ppo")(bench.ppo)
 
 if __name__ == "__main__":
     app()

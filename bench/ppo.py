@@ -64,6 +64,61 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+FRAME = 5  # gRPC's length-prefixed message frame: 1 flag byte + 4 length bytes
+FLOOR_BYTES = 4 + 4 + 4 + 4 + 4  # per response token: int32 id, float32 old log-prob, value, advantage, return
+
+
+def as_json(message) -> object:
+    """`message` as the JSON a JSON/HTTP API would send: tensors as lists of numbers, the rest as protobuf JSON."""
+    from google.protobuf import json_format
+
+    from services import codec
+
+    name = message.DESCRIPTOR.full_name
+    if name == "rlhf.v1.Tensor":
+        return codec.tensor_from_pb(message, "t").tolist() if message.raw else []
+    if name == "rlhf.v1.RaggedTensor":
+        return [row.tolist() for row in codec.ragged_from_pb(message, "r")] if message.lengths else []
+    out = {}
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            out[field.name] = json_format.MessageToDict(message, preserving_proto_field_name=True)[field.name]
+        elif field.is_repeated:
+            out[field.name] = [as_json(v) for v in value]
+        else:
+            out[field.name] = as_json(value)
+    return out
+
+
+class WireTally:
+    """Bytes of every RPC message both ways, as gRPC frames them and as JSON."""
+
+    def __init__(self):
+        self.grpc = self.json = self.calls = 0
+
+    def add(self, request, reply) -> None:
+        self.calls += 1
+        self.grpc += request.ByteSize() + reply.ByteSize() + 2 * FRAME
+        self.json += len(json.dumps(as_json(request))) + len(json.dumps(as_json(reply)))
+
+
+class CountingStub:
+    """A stub whose unary calls add their messages to a WireTally."""
+
+    def __init__(self, stub, tally: WireTally):
+        self._stub, self._tally = stub, tally
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        async def call(request, **kwargs):
+            reply = await method(request, **kwargs)
+            self._tally.add(request, reply)
+            return reply
+
+        return call
+
+
 class MeshSide:
     """The four services as processes and the PPO runner in this process."""
 
@@ -87,6 +142,22 @@ class MeshSide:
         self.loop.run_until_complete(self.clients.wait_ready(600))  # forms the data-parallel groups
         self.runner = PPORunner(cfg, self.clients, prompts, None)
         self.pids = [p.pid for p in self.mesh.processes.values()]
+        self.tally = WireTally()
+        for pool in self.clients.pools.values():
+            pool.stubs = {address: CountingStub(stub, self.tally) for address, stub in pool.stubs.items()}
+
+    def wire(self) -> dict:
+        """Bytes per response token of one iteration: gRPC, the floor, and the same messages as JSON."""
+        self.tally = WireTally()
+        for pool in self.clients.pools.values():
+            for stub in pool.stubs.values():
+                stub._tally = self.tally
+        result = self.loop.run_until_complete(self.runner.step())
+        tokens = float(result.experience.mask.sum())
+        return {"response_tokens": tokens, "calls": self.tally.calls,
+                "grpc_bytes_per_token": self.tally.grpc / tokens, "floor_bytes_per_token": FLOOR_BYTES,
+                "json_bytes_per_token": self.tally.json / tokens,
+                "grpc_over_floor": self.tally.grpc / tokens / FLOOR_BYTES}
 
     def iteration(self) -> dict:
         cpu = cpu_seconds(self.pids)
@@ -183,6 +254,7 @@ def bench_ppo(iterations: int, mesh_only: bool, as_json: bool) -> dict:
                 sides["trl"] = TRLSide(lm, rm, prompts, work)
             for side in sides.values():
                 side.iteration()  # warm-up
+            wire = sides["mesh"].wire()
             runs = {name: [] for name in sides}
             order = list(sides)
             for i in range(iterations):
@@ -193,6 +265,7 @@ def bench_ppo(iterations: int, mesh_only: bool, as_json: bool) -> dict:
             sides["mesh"].close()
     result = {name: summary(r) for name, r in runs.items()}
     result["load_average"] = os.getloadavg()
+    result["wire"] = wire
     if "trl" in result:
         result["ratio"] = result["mesh"]["median_seconds"] / result["trl"]["median_seconds"]
     if as_json:
@@ -205,4 +278,7 @@ def bench_ppo(iterations: int, mesh_only: bool, as_json: bool) -> dict:
                   f"max {s['max_seconds']:.2f}); {phases}; {s['median_cpu_seconds']:.1f} CPU s")
         if "ratio" in result:
             print(f"ratio mesh / TRL: {result['ratio']:.3f} (target <= 0.8)")
+        print(f"wire, per response token of one iteration ({wire['calls']} RPCs): gRPC "
+              f"{wire['grpc_bytes_per_token']:.0f} B, floor {wire['floor_bytes_per_token']} B "
+              f"({wire['grpc_over_floor']:.2f}x, target <= 1.2x), JSON {wire['json_bytes_per_token']:.0f} B")
     return result

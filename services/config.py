@@ -158,6 +158,21 @@ class ServerConfig(ListenConfig):
     seed: int = Field(0, description="Seed for initialisation and sampling")
 
 
+class TGIConfig(Strict):
+    """A text-generation-inference server that computes the reference log-probs (`backend: tgi`)."""
+
+    url: str = Field(description="Base URL of the TGI server, e.g. http://tgi:8080; it must serve the policy's "
+                     "tokenizer and return prefill log-probs (decoder_input_details)")
+    timeout_seconds: float = Field(30.0, gt=0, description="Limit of one HTTP request, in seconds (a LogProbs "
+                                   "call's own deadline also bounds it)")
+    max_concurrency: int = Field(16, ge=1, description="Most HTTP requests in flight at once (one per row)")
+    retries: int = Field(3, ge=0, description="Retries of a request after a connection error, timeout, HTTP 429 "
+                         "or 5xx, with exponential backoff; then the call is UNAVAILABLE")
+    token_file: str | None = Field(
+        None, description="File holding the bearer token for the TGI server; without it huggingface_hub sends the "
+        "machine's Hugging Face token (HF_TOKEN), if there is one")
+
+
 class ServiceConfig(Strict):
     """Everything one model service process reads."""
 
@@ -166,6 +181,20 @@ class ServiceConfig(Strict):
     server: ServerConfig = ServerConfig()
     batching: BatchingConfig = BatchingConfig()
     training: TrainingConfig = TrainingConfig()
+    backend: Literal["local", "tgi"] = Field(
+        "local", description="local: run the model in this process; tgi (reference role only): ask the TGI "
+        "server of `tgi` for the log-probs, loading only the tokenizer of `model`")
+    tgi: TGIConfig | None = Field(None, description="The TGI server of `backend: tgi`")
+
+    @model_validator(mode="after")
+    def _backend(self):
+        if self.backend == "tgi" and self.role != "reference":
+            raise ValueError(f"backend: tgi serves the reference role only, not {self.role}")
+        if self.backend == "tgi" and self.tgi is None:
+            raise ValueError("backend: tgi needs a `tgi` section with the server's url")
+        if self.backend == "local" and self.tgi is not None:
+            raise ValueError("tgi: set only with backend: tgi")
+        return self
 
     def grpc_port(self) -> int:
         """The configured port, or the role's default."""

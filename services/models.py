@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -61,7 +62,7 @@ class TokenValueModel(torch.nn.Module):
 class LoadedModel:
     """A model ready to serve, with the facts clients ask Info for."""
 
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when another server runs it (reference with backend: tgi)
     tokenizer: object
     limits: ModelLimits
     device: torch.device
@@ -173,6 +174,17 @@ def load_value_model(cfg: ModelConfig) -> LoadedModel:
     tokenizer = _tokenizer_for(cfg)
     model = sequence_classifier(cfg.path, DTYPES[cfg.dtype], tokenizer, cfg.revision, cfg.trust_remote_code)
     return _finish(TokenValueModel(model), tokenizer, cfg)
+
+
+def load_tokenizer_only(cfg: ModelConfig) -> LoadedModel:
+    """The tokenizer and the limits of `cfg`'s model, from its config.json alone (no weights): for a role whose
+    model runs elsewhere (reference with backend: tgi)."""
+    tokenizer = _tokenizer_for(cfg)
+    hf_config = AutoConfig.from_pretrained(cfg.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    limits = ModelLimits(vocab_size=hf_config.vocab_size, max_length=position_limit(hf_config, cfg.max_sequence_length))
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else -1
+    return LoadedModel(None, tokenizer, limits, torch.device("cpu"), DTYPES[cfg.dtype],
+                       tokenizer_fingerprint(tokenizer), tokenizer.pad_token_id, eos)
 
 
 LOADERS = {

@@ -61,12 +61,16 @@ class ModelServicer:
         """Load weights (runs on the model thread); subclasses add engines in after_load."""
         self.threads = apply_threads(self.cfg.server.num_threads)
         torch.manual_seed(self.cfg.server.seed)
-        loaded = LOADERS[self.role](self.cfg.model)
+        loaded = self.load_model()
         # every decoder of token rows enforces the configured rows-per-request bound
         loaded.limits = dataclasses.replace(loaded.limits, max_batch=self.cfg.batching.max_request_rows,
                                             max_tokens=self.cfg.batching.max_request_tokens)
         self.after_load(loaded)
         self.loaded = loaded
+
+    def load_model(self) -> LoadedModel:
+        """The role's model and tokenizer (on the model thread)."""
+        return LOADERS[self.role](self.cfg.model)
 
     def after_load(self, loaded: LoadedModel) -> None:
         """Hook for role-specific set-up once the model is in memory."""
@@ -109,7 +113,7 @@ class ModelServicer:
             model_version=self.model_version(),
             eos_token_id=m.eos_id,
             pad_token_id=m.pad_id,
-            num_parameters=sum(p.numel() for p in m.model.parameters()),
+            num_parameters=sum(p.numel() for p in m.model.parameters()) if m.model is not None else 0,
             data_parallel_rank=rank,
             data_parallel_size=size,
             instance_id=self.instance_id,
@@ -176,7 +180,8 @@ class FrozenServicer(ModelServicer):
         self.batcher = Batcher(self.run_batch, cfg.batching, self.executor)
 
     def after_load(self, loaded: LoadedModel) -> None:
-        loaded.model.requires_grad_(False)
+        if loaded.model is not None:
+            loaded.model.requires_grad_(False)
 
     def run_batch(self, key, items: list):
         """The model call of one batch of requests' items (on the model thread)."""

@@ -106,3 +106,14 @@ def ppo(
 
     setup_logging()
     run(iterations, mesh_only, as_json)
+
+
+def reference(
+    rounds: int = typer.Option(6, help="Timed LogProbs calls per backend, alternating"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+):
+    """The reference phase (LogProbs of a PPO batch) with backend: local and backend: tgi on a TGI stand-in."""
+    from bench.reference import bench_reference as run
+
+    setup_logging()
+    run(rounds, as_json)

@@ -22,6 +22,7 @@ bench_app.command("metrics")(bench.metrics)
 bench_app.command("overload")(bench.overload)
 bench_app.command("score")(bench.score)
 bench_app.command("ppo")(bench.ppo)
+bench_app.command("reference")(bench.reference)
 
 if __name__ == "__main__":
     app()

@@ -1,4 +1,4 @@
-"""ReferenceService with backend: tgi, against a loopback stand-in for a TGI server (tests/support/tgi_server.py)
+"""ReferenceService with backend: tgi, against a loopback stand-in for a TGI server (bench/tgi_standin.py)
 that computes the prefill log-probs with the same tiny model the local backend loads."""
 
 import socket
@@ -12,7 +12,7 @@ from services.batch import Sequences
 from services.config import ConfigError, ServiceConfig, parse
 from tests.support.rpc import expect_invalid, rows
 from tests.support.servers import ServerThread, service_config
-from tests.support.tgi_server import TGIStandIn
+from bench.tgi_standin import TGIStandIn
 
 TEXTS = [("Write a haiku about rain.", " Soft rain on the roof"),
          ("Name a colour.", " Blue"),

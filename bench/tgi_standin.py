@@ -1,5 +1,5 @@
-"""A stand-in for a text-generation-inference server on loopback: TGI's documented generate schema, with a real
-tiny causal LM computing the prefill log-probs.
+"""A stand-in for a text-generation-inference server on loopback, for `rlhf bench reference` and the tests:
+TGI's documented generate schema, with a real causal LM computing the prefill log-probs.
 
 POST /generate (and POST /, TGI's route that huggingface_hub's text_generation posts to for a base URL) take
 {"inputs": str, "parameters": {"details", "decoder_input_details", "max_new_tokens", ...}} and answer

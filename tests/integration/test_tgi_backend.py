@@ -7,12 +7,12 @@ import grpc
 import pytest
 import torch
 
+from bench.tgi_standin import TGIStandIn
 from rlhf.v1 import common_pb2, reference_pb2_grpc
 from services.batch import Sequences
 from services.config import ConfigError, ServiceConfig, parse
 from tests.support.rpc import expect_invalid, rows
 from tests.support.servers import ServerThread, service_config
-from bench.tgi_standin import TGIStandIn
 
 TEXTS = [("Write a haiku about rain.", " Soft rain on the roof"),
          ("Name a colour.", " Blue"),

@@ -73,6 +73,15 @@ class PPOConfig(Strict):
         return self
 
 
+class CriticFreeConfig(Strict):
+    """GRPO, RLOO and REINFORCE++ (controller/critic_free.py): no value model; ppo.* sets the rest."""
+
+    samples_per_prompt: int = Field(
+        4, ge=1, description="Responses sampled per prompt (the group); ppo.batch_size counts responses and must be "
+        "a multiple of it. RLOO needs >= 2")
+    scale_rewards: bool = Field(True, description="GRPO: divide by the group's score std; false is Dr. GRPO")
+
+
 class DPOConfig(Strict):
     """DPO hyperparameters (Rafailov et al. 2023; names as in TRL)."""
 
@@ -127,10 +136,13 @@ class ControllerConfig(Strict):
         None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="Names the run in Train keys and checkpoints (1-128 letters, digits, . _ -); default: the id "
         "in output_dir/run.json, or a fresh one for a new run")
-    algorithm: Literal["ppo", "dpo"] = Field("ppo", description="ppo (four services) or dpo (policy + reference)")
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo", "reinforce_pp"] = Field(
+        "ppo", description="ppo (four services), dpo (policy + reference), or a critic-free estimator: grpo, rloo, "
+        "reinforce_pp (policy, reference, reward)")
     services: Endpoints = Endpoints()
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
+    critic_free: CriticFreeConfig = CriticFreeConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     data: DataConfig
     server: ControllerServerConfig = ControllerServerConfig()
@@ -149,19 +161,31 @@ class ControllerConfig(Strict):
 
     @model_validator(mode="after")
     def _data_for_algorithm(self):
-        needed = "prompts" if self.algorithm == "ppo" else "pairs"
+        needed = "pairs" if self.algorithm == "dpo" else "prompts"
         if getattr(self.data, needed) is None:
             raise ValueError(f"algorithm {self.algorithm} needs data.{needed}")
+        group = self.critic_free.samples_per_prompt
+        if self.critic_free_run() and self.ppo.batch_size % group:
+            raise ValueError(f"ppo.batch_size {self.ppo.batch_size} must be a multiple of "
+                             f"critic_free.samples_per_prompt {group}")
+        if self.algorithm == "rloo" and group < 2:
+            raise ValueError("rloo needs critic_free.samples_per_prompt >= 2 (the baseline is the other samples)")
         return self
+
+    def critic_free_run(self) -> bool:
+        """Whether the algorithm is one of the critic-free estimators."""
+        return self.algorithm in ("grpo", "rloo", "reinforce_pp")
 
     def total_steps(self) -> int:
         """Training steps of the configured algorithm."""
-        return self.ppo.total_steps if self.algorithm == "ppo" else self.dpo.total_steps
+        return self.dpo.total_steps if self.algorithm == "dpo" else self.ppo.total_steps
 
     def roles(self) -> tuple[str, ...]:
         """The services this run talks to."""
         if self.algorithm == "ppo":
             return ("policy", "reference", "reward", "value")
+        if self.critic_free_run():
+            return ("policy", "reference", "reward")
         return ("policy", "reference", "reward") if self.evaluation.pairs else ("policy", "reference")
 
 

@@ -85,7 +85,7 @@ async def generate(clients: ServiceClients, prompts: list[str], sampling: policy
 
 
 async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict, seed: int = 0,
-                  on_phase=lambda phase: None) -> Experience:
+                  on_phase=lambda phase: None, with_values: bool = True) -> Experience:
     """Generate, then reference log-probs, values and RM scores concurrently, each spread over its replicas.
 
     `seed` (nonzero) makes the samples depend only on it and the row, not on how the batch is split.
@@ -102,11 +102,15 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     on_phase("score")
     start = time.perf_counter()
     n = len(prompts)
+
+    async def no_values():  # critic-free estimators: no value service to ask
+        return [torch.zeros(len(r)) for r in response_rows]
+
     ref, values, scores = await asyncio.gather(
         clients.spread_rows("reference", n, lambda idx: common_pb2.LogProbsRequest(
             sequences=seqs.select(idx).to_pb(), temperature=cfg.temperature), lambda s: s.LogProbs, _ragged("logprobs")),
         clients.spread_rows("value", n, lambda idx: value_pb2.ValuesRequest(sequences=seqs.select(idx).to_pb()),
-                            lambda s: s.Values, _values(clients)),
+                            lambda s: s.Values, _values(clients)) if with_values else no_values(),
         clients.spread_rows("reward", n, lambda idx: reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(
             prompts=[prompts[i] for i in idx], responses=[responses[i] for i in idx])), lambda s: s.Score,
             lambda reply: list(codec.tensor_from_pb(reply.scores, "reward.scores").float())),

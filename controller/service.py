@@ -16,6 +16,7 @@ from controller.dpo import DPORunner
 from controller.driver import Driver, resume_point
 from controller.durability import RunDirectory
 from controller.evaluation import Pair, compare_async, summarize
+from controller.grpo import CriticFreeRunner
 from controller.loop import PPORunner, StepResult
 from controller.metrics import ControllerMetrics
 from rlhf.v1 import common_pb2, controller_pb2, controller_pb2_grpc
@@ -124,7 +125,7 @@ async def connect(cfg: ControllerConfig) -> ServiceClients:
 
 def check_minibatches(cfg: ControllerConfig, clients: ServiceClients) -> None:
     """Every data-parallel rank needs at least one row of each minibatch."""
-    rows = cfg.ppo.minibatch_size if cfg.algorithm == "ppo" else cfg.dpo.batch_size
+    rows = cfg.dpo.batch_size if cfg.algorithm == "dpo" else cfg.ppo.minibatch_size
     for role in ("policy", "value"):
         if role in clients.roles and clients.ranks(role) > rows:
             raise ValueError(f"{role} runs {clients.ranks(role)} data-parallel ranks but each minibatch has only "
@@ -179,6 +180,8 @@ def make_runner(cfg: ControllerConfig, clients: ServiceClients, data: dict) -> P
     """The configured algorithm's runner."""
     if cfg.algorithm == "ppo":
         return PPORunner(cfg, clients, data["prompts"], data["ptx"])
+    if cfg.critic_free_run():
+        return CriticFreeRunner(cfg, clients, data["prompts"], data["ptx"])
     return DPORunner(cfg, clients, data["pairs"])
 
 

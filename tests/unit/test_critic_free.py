@@ -72,3 +72,32 @@ def test_group_checks_and_statistics():
     assert stats["group/reward_std"] == pytest.approx(math.sqrt(2) / 2)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.float32)
     assert torch.equal(per_token(torch.tensor([2.0, -1.0]), mask), torch.tensor([[2.0, 2.0, 0.0], [-1.0, 0.0, 0.0]]))
+
+
+def experience(scores, logprobs, ref_logprobs, mask):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask, stats={})
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_each_runner_estimator_pays_the_kl_as_documented(algorithm):
+    from controller.grpo import critic_free_advantages
+    from controller.ppo import compute_approx_kl
+
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], dtype=torch.float32)
+    logprobs, ref = -torch.rand(4, 3, generator=gen) * mask, -torch.rand(4, 3, generator=gen) * mask
+    scores = torch.tensor([1.0, 0.0, 2.0, -1.0])
+    exp = experience(scores, logprobs, ref, mask)
+    critic_free_advantages(exp, algorithm, 2, True, 0.3, "k1")
+    kl = compute_approx_kl(logprobs, ref, mask, "k1")
+    if algorithm == "reinforce_pp":
+        expected = reinforce_pp_advantages(compute_rewards(kl, scores, mask, 0.3)[0], mask)
+    else:
+        shaped = scores - 0.3 * kl.sum(1)
+        sequence = grpo_advantages(shaped, 2) if algorithm == "grpo" else rloo_advantages(shaped, 2)
+        expected = per_token(sequence, mask)
+    assert torch.allclose(exp.advantages, expected, atol=1e-6)
+    assert exp.stats["objective/kl"] == pytest.approx(float(kl.sum(1).mean()))
+    assert "group/zero_variance_fraction" in exp.stats

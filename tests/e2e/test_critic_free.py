@@ -1,0 +1,50 @@
+"""GRPO through policy, reference and reward processes, with no value service at all."""
+
+import asyncio
+import json
+import math
+
+import pytest
+import torch
+
+from controller.config import ControllerConfig
+from controller.service import run_controller
+from services.launcher import LocalMesh
+from tests.support.data import write_prompts
+from tests.support.mesh import saved_weights, service_configs
+from training import synthetic
+
+
+def test_grpo_trains_the_policy_without_a_value_service(tiny_dirs, tmp_path):
+    configs = {role: cfg for role, cfg in service_configs(tiny_dirs, tmp_path / "checkpoints").items()
+               if role != "value"}
+    prompts = write_prompts(tmp_path / "prompts.jsonl", synthetic.train_prompts(64, seed=5))
+    with LocalMesh(tmp_path / "services", configs) as mesh:
+        cfg = ControllerConfig.model_validate({
+            "algorithm": "grpo", "run_id": "grpo-e2e", "services": mesh.endpoints,
+            "data": {"prompts": str(prompts)}, "server": {"host": "127.0.0.1", "port": 0},
+            "output_dir": str(tmp_path / "run"), "save_checkpoint": "final",
+            "ppo": {"total_steps": 3, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8},
+            "critic_free": {"samples_per_prompt": 4}})
+
+        async def run():
+            await mesh.wait_ready(300)
+            return await run_controller(cfg)
+
+        runner = asyncio.run(run())
+        mesh.check_alive()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and runner.policy_version == 3 * 2  # 2 minibatches per iteration, 1 epoch
+    for line in lines:
+        assert all(math.isfinite(v) for v in line.values() if isinstance(v, float)), line
+        assert "value/loss" not in line and 0 <= line["group/zero_variance_fraction"] <= 1
+    before = saved_weights(tiny_dirs["lm"])
+    after = saved_weights(tmp_path / "checkpoints" / "policy" / "final")
+    assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce_pp"])
+def test_a_critic_free_run_needs_no_value_service(algorithm):
+    cfg = ControllerConfig.model_validate({"algorithm": algorithm, "data": {"prompts": "p.jsonl"},
+                                           "ppo": {"batch_size": 8, "minibatch_size": 8}, "critic_free": {"samples_per_prompt": 2}})
+    assert cfg.roles() == ("policy", "reference", "reward")

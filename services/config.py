@@ -173,18 +173,32 @@ class TGIConfig(Strict):
         "machine's Hugging Face token (HF_TOKEN), if there is one")
 
 
+class PythonRewardConfig(Strict):
+    """A rule or verifier in Python served as the RewardService (`backend: python`)."""
+
+    function: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", description=
+                          "package.module:function, called as function(prompt, response, **kwargs) -> float "
+                          "(with batched: function(prompts, responses, **kwargs) -> list of floats)")
+    batched: bool = Field(False, description="Call the function once per request with the lists of rows")
+    kwargs: dict = Field(default_factory=dict, description="Keyword arguments for every call (e.g. a file path)")
+    timeout_seconds: float = Field(10.0, gt=0, description="A request whose rows take longer is DEADLINE_EXCEEDED")
+    workers: int = Field(4, ge=1, description="Threads that run the function")
+
+
 class ServiceConfig(Strict):
     """Everything one model service process reads."""
 
     role: Role
-    model: ModelConfig
+    model: ModelConfig | None = Field(None, description="The checkpoint to serve; required but with backend: python")
     server: ServerConfig = ServerConfig()
     batching: BatchingConfig = BatchingConfig()
     training: TrainingConfig = TrainingConfig()
-    backend: Literal["local", "tgi"] = Field(
+    backend: Literal["local", "tgi", "python"] = Field(
         "local", description="local: run the model in this process; tgi (reference role only): ask the TGI "
-        "server of `tgi` for the log-probs, loading only the tokenizer of `model`")
+        "server of `tgi` for the log-probs, loading only the tokenizer of `model`; python (reward role only): "
+        "score texts with the function of `python`")
     tgi: TGIConfig | None = Field(None, description="The TGI server of `backend: tgi`")
+    python: PythonRewardConfig | None = Field(None, description="The rule of `backend: python`")
 
     @model_validator(mode="after")
     def _backend(self):
@@ -192,8 +206,16 @@ class ServiceConfig(Strict):
             raise ValueError(f"backend: tgi serves the reference role only, not {self.role}")
         if self.backend == "tgi" and self.tgi is None:
             raise ValueError("backend: tgi needs a `tgi` section with the server's url")
-        if self.backend == "local" and self.tgi is not None:
+        if self.backend != "tgi" and self.tgi is not None:
             raise ValueError("tgi: set only with backend: tgi")
+        if self.backend == "python" and self.role != "reward":
+            raise ValueError(f"backend: python serves the reward role only, not {self.role}")
+        if (self.backend == "python") != (self.python is not None):
+            raise ValueError("backend: python and a `python` section (function: package.module:function) go together")
+        if self.model is None:
+            if self.backend != "python":
+                raise ValueError("model: required (the checkpoint to serve)")
+            self.model = ModelConfig(path=self.python.function)  # what Info and the logs name
         return self
 
     def grpc_port(self) -> int:

@@ -48,6 +48,14 @@ class OverQuota(RuntimeError):
     """A configured quota (checkpoint count or bytes) would be passed (RESOURCE_EXHAUSTED)."""
 
 
+class RuleFailed(RuntimeError):
+    """A rule-based reward function raised or returned something that is not a finite number (INTERNAL)."""
+
+
+class TooSlow(RuntimeError):
+    """The work of a request took longer than its configured limit (DEADLINE_EXCEEDED)."""
+
+
 _STATUS = (
     (WrongRank, grpc.StatusCode.FAILED_PRECONDITION),
     (Refused, grpc.StatusCode.FAILED_PRECONDITION),
@@ -57,6 +65,8 @@ _STATUS = (
     (OverQuota, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (RuleFailed, grpc.StatusCode.INTERNAL),
+    (TooSlow, grpc.StatusCode.DEADLINE_EXCEEDED),
     (NotReady, grpc.StatusCode.UNAVAILABLE),
 )
 

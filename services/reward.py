@@ -1,14 +1,21 @@
-"""RewardService: scalar scores of whole sequences from the frozen reward model."""
+"""RewardService: scalar scores of whole sequences from the frozen reward model, or from a Python rule.
+
+backend: local runs the reward model here; backend: python scores texts with
+a user function (services/rules.py), behind the same contract, validation,
+admission and metrics.
+"""
 
 import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
-from services.batch import check_token_rows, tokens_from_pb
+from services.batch import ModelLimits, check_token_rows, tokens_from_pb
 from services.batcher import call_alive
 from services.errors import InvalidArgument
 from services.formatting import encode_for_reward
 from services.inference import sequence_scores
+from services.models import LoadedModel
+from services.rules import RuleScorer
 from services.servicer import FrozenServicer
 from services.validation import check_texts
 
@@ -19,47 +26,38 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     role = "reward"
     service_name = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.rules: RuleScorer | None = None  # set when loaded, with backend: python
+
     def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
         m = self.loaded
         with torch.no_grad():
             return self.model_calls([int(row.numel()) for row in rows], lambda idx: sequence_scores(
                 m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
 
-    def _text_rows(self, pairs: reward_pb2.TextPairs, m) -> list[torch.Tensor]:
+    def load_model(self) -> LoadedModel:
+        if self.cfg.backend == "python":  # a rule: no weights, no tokenizer; texts only
+            limits = ModelLimits(vocab_size=0, max_length=self.cfg.batching.max_request_tokens)
+            return LoadedModel(None, None, limits, torch.device("cpu"), torch.float32, "", -1, -1)
+        return super().load_model()
+
+    def after_load(self, loaded: LoadedModel) -> None:
+        super().after_load(loaded)
+        if self.cfg.backend == "python":
+            self.rules = RuleScorer(self.cfg.python)
+
+    def _text_columns(self, pairs: reward_pb2.TextPairs) -> tuple[list[str], list[str]]:
         prompts, responses = list(pairs.prompts), list(pairs.responses)
         if not prompts:
             raise InvalidArgument("texts.prompts", "empty batch")
         if len(prompts) != len(responses):
             raise InvalidArgument("texts.responses", f"{len(responses)} responses for {len(prompts)} prompts")
         check_texts([("texts.prompts", prompts), ("texts.responses", responses)], self.cfg.batching)
-        rows = [
-            torch.tensor(encode_for_reward(m.tokenizer, p, r, m.limits.max_length), dtype=torch.long)
-            for p, r in zip(prompts, responses)
-        ]
-        return check_token_rows(rows, "texts", m.limits)
+        return prompts, responses
 
-    def rows_from_request(self, request, m) -> list[torch.Tensor]:
-        """Token rows to score, from either input form (on the text threads)."""
-        which = request.WhichOneof("input")
-        if which == "tokens":
-            return tokens_from_pb(request.tokens, "tokens", m.limits)
-        if which == "texts":
-            return self._text_rows(request.texts, m)
-        raise InvalidArgument("input", "empty batch: set tokens or texts")
-
-    async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
-        """Scores of token rows (validated against the model's limits) through the batcher."""
-        return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows), call_alive(context))
-
-    async def Score(self, request, context):
-        with self.batcher.admit():
-            rows = await self.off_loop(self.rows_from_request, request, self.require())
-            scores = await self.score_rows(rows, context)
-            return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)),
-                                            values=scores)
-
-    def _pair_rows(self, pairs: reward_pb2.ComparePairs, m) -> list[torch.Tensor]:
-        """Chosen rows then rejected rows, encoded like Score's text input (on the text threads)."""
+    def _pair_columns(self, pairs: reward_pb2.ComparePairs) -> tuple[list[str], list[str]]:
+        """Prompts twice, and the chosen then the rejected responses: both sides scored as Score's texts."""
         prompts, chosen, rejected = list(pairs.prompts), list(pairs.chosen), list(pairs.rejected)
         if not prompts:
             raise InvalidArgument("pairs.prompts", "empty batch")
@@ -68,14 +66,47 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
                 raise InvalidArgument(name, f"{len(column)} responses for {len(prompts)} prompts")
         check_texts([("pairs.prompts", prompts), ("pairs.chosen", chosen), ("pairs.rejected", rejected)],
                     self.cfg.batching)
-        both = reward_pb2.TextPairs(prompts=prompts + prompts, responses=chosen + rejected)
-        return self._text_rows(both, m)
+        return prompts + prompts, chosen + rejected
+
+    def _encode(self, prompts: list[str], responses: list[str], m) -> list[torch.Tensor]:
+        """Token rows of (prompt, response) texts as the reward model was trained on them (on the text threads)."""
+        rows = [torch.tensor(encode_for_reward(m.tokenizer, p, r, m.limits.max_length), dtype=torch.long)
+                for p, r in zip(prompts, responses)]
+        return check_token_rows(rows, "texts", m.limits)
+
+    async def score_texts(self, prompts: list[str], responses: list[str], context) -> list[float]:
+        """Scores of (prompt, response) texts: the rule's, or the model's through the batcher."""
+        m = self.require()
+        if self.rules is not None:
+            return await self.rules.score(prompts, responses)
+        return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m), context)
+
+    async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
+        """Scores of token rows (validated against the model's limits) through the batcher."""
+        return await self.batcher.submit(None, rows, sum(int(r.numel()) for r in rows), call_alive(context))
+
+    async def Score(self, request, context):
+        with self.batcher.admit():
+            m = self.require()
+            which = request.WhichOneof("input")
+            if which == "tokens":
+                if self.rules is not None:
+                    raise InvalidArgument("tokens", "this reward service runs a Python rule, which scores texts: "
+                                          "send texts (prompts, responses)")
+                rows = await self.off_loop(tokens_from_pb, request.tokens, "tokens", m.limits)
+                scores = await self.score_rows(rows, context)
+            elif which == "texts":
+                scores = await self.score_texts(*self._text_columns(request.texts), context)
+            else:
+                raise InvalidArgument("input", "empty batch: set tokens or texts")
+            return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)),
+                                            values=scores)
 
     async def compare(self, request: reward_pb2.CompareRequest, context) -> reward_pb2.CompareResponse:
         """Scores of both sides and P(chosen preferred) = sigmoid(chosen - rejected)."""
         with self.batcher.admit():
-            rows = await self.off_loop(self._pair_rows, request.pairs, self.require())
-            scores = torch.tensor(await self.score_rows(rows, context), dtype=torch.float32)
+            prompts, responses = self._pair_columns(request.pairs)
+            scores = torch.tensor(await self.score_texts(prompts, responses, context), dtype=torch.float32)
             chosen, rejected = scores.chunk(2)
             p_chosen = torch.sigmoid(chosen - rejected)
             return reward_pb2.CompareResponse(
@@ -83,6 +114,11 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
                 p_chosen=codec.tensor_to_pb(p_chosen), chosen_values=chosen.tolist(), rejected_values=rejected.tolist(),
                 p_chosen_values=p_chosen.tolist(),
             )
+
+    async def close(self) -> None:
+        await super().close()
+        if self.rules is not None:
+            self.rules.close()
 
     async def Compare(self, request, context):
         return await self.compare(request, context)

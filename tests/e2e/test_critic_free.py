@@ -1,4 +1,4 @@
-"""GRPO through policy, reference and reward processes, with no value service at all."""
+"""GRPO through policy, reference and a rule-based reward process, with no value service at all."""
 
 import asyncio
 import json
@@ -15,9 +15,10 @@ from tests.support.mesh import saved_weights, service_configs
 from training import synthetic
 
 
-def test_grpo_trains_the_policy_without_a_value_service(tiny_dirs, tmp_path):
+def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp_path):
     configs = {role: cfg for role, cfg in service_configs(tiny_dirs, tmp_path / "checkpoints").items()
-               if role != "value"}
+               if role in ("policy", "reference")}
+    configs["reward"] = {"backend": "python", "python": {"function": "demo.rules:tidy_answer"}}
     prompts = write_prompts(tmp_path / "prompts.jsonl", synthetic.train_prompts(64, seed=5))
     with LocalMesh(tmp_path / "services", configs) as mesh:
         cfg = ControllerConfig.model_validate({

@@ -47,7 +47,9 @@ class ServiceClients:
         security: TLS and bearer token of the channels."""
         self.outage = Outage()
         self.watch = InstanceWatch()
-        self.pools = {role: Replicas(role, target, STUBS[role], timeout, retries, probe_seconds, wait_seconds=wait_seconds,
+        # a role may carry a suffix ("reward:rule"): another pool of the same service kind
+        self.pools = {role: Replicas(role, target, STUBS[role.partition(":")[0]], timeout, retries, probe_seconds,
+                                     wait_seconds=wait_seconds,
                                      outage=self.outage, security=security)
                       for role, target in endpoints.items()}
         for role, pool in self.pools.items():

@@ -73,6 +73,15 @@ class PPOConfig(Strict):
         return self
 
 
+class RewardSource(Strict):
+    """One reward signal of a run: a RewardService (a model or a rule) and its weight in the sum."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$", description="Names the source in statistics "
+                      "(reward/<name>/mean)")
+    target: str = Field(description=f"Its RewardService replicas: {TARGET_HELP}")
+    weight: float = Field(1.0, description="Weight of its score in the row's reward")
+
+
 class CriticFreeConfig(Strict):
     """GRPO, RLOO and REINFORCE++ (controller/critic_free.py): no value model; ppo.* sets the rest."""
 
@@ -143,6 +152,9 @@ class ControllerConfig(Strict):
     ppo: PPOConfig = PPOConfig()
     dpo: DPOConfig = DPOConfig()
     critic_free: CriticFreeConfig = CriticFreeConfig()
+    rewards: list[RewardSource] = Field(
+        default_factory=list, description="Several reward sources, weighted: each row's reward is the weighted "
+        "sum of their scores. Empty: services.reward alone, weight 1")
     evaluation: EvaluationConfig = EvaluationConfig()
     data: DataConfig
     server: ControllerServerConfig = ControllerServerConfig()
@@ -168,9 +180,19 @@ class ControllerConfig(Strict):
         if self.critic_free_run() and self.ppo.batch_size % group:
             raise ValueError(f"ppo.batch_size {self.ppo.batch_size} must be a multiple of "
                              f"critic_free.samples_per_prompt {group}")
+        names = [r.name for r in self.rewards]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rewards: names must differ, got {names}")
         if self.algorithm == "rloo" and group < 2:
             raise ValueError("rloo needs critic_free.samples_per_prompt >= 2 (the baseline is the other samples)")
         return self
+
+    def reward_sources(self) -> list[tuple[str, str, float, str]]:
+        """(pool name, target, weight, source name) of each reward source; the first pool is "reward"."""
+        if not self.rewards:
+            return [("reward", self.services.reward, 1.0, "reward")]
+        return [("reward" if i == 0 else f"reward:{r.name}", r.target, r.weight, r.name)
+                for i, r in enumerate(self.rewards)]
 
     def critic_free_run(self) -> bool:
         """Whether the algorithm is one of the critic-free estimators."""

@@ -106,7 +106,8 @@ class CriticFreeRunner(PPORunner):
         seed = row_seed(self.cfg.seed, step) or 1
         self.phase = "generate"
         exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed,
-                            lambda phase: setattr(self, "phase", phase), with_values=False)
+                            lambda phase: setattr(self, "phase", phase), with_values=False,
+                            rewards=self.reward_sources())
         cf = self.cfg.critic_free
         critic_free_advantages(exp, self.cfg.algorithm, cf.samples_per_prompt, cf.scale_rewards, self.kl_ctl.value,
                                self.cfg.ppo.kl_estimator)

@@ -85,7 +85,8 @@ async def generate(clients: ServiceClients, prompts: list[str], sampling: policy
 
 
 async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, timings: dict, seed: int = 0,
-                  on_phase=lambda phase: None, with_values: bool = True) -> Experience:
+                  on_phase=lambda phase: None, with_values: bool = True,
+                  rewards: tuple = (("reward", 1.0, "reward"),)) -> Experience:
     """Generate, then reference log-probs, values and RM scores concurrently, each spread over its replicas.
 
     `seed` (nonzero) makes the samples depend only on it and the row, not on how the batch is split.
@@ -106,21 +107,28 @@ async def collect(clients: ServiceClients, prompts: list[str], cfg: PPOConfig, t
     async def no_values():  # critic-free estimators: no value service to ask
         return [torch.zeros(len(r)) for r in response_rows]
 
-    ref, values, scores = await asyncio.gather(
+    def score(pool: str):
+        return clients.spread_rows(pool, n, lambda idx: reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(
+            prompts=[prompts[i] for i in idx], responses=[responses[i] for i in idx])), lambda s: s.Score,
+            lambda reply: list(codec.tensor_from_pb(reply.scores, f"{pool}.scores").float()))
+
+    ref, values, *per_source = await asyncio.gather(
         clients.spread_rows("reference", n, lambda idx: common_pb2.LogProbsRequest(
             sequences=seqs.select(idx).to_pb(), temperature=cfg.temperature), lambda s: s.LogProbs, _ragged("logprobs")),
         clients.spread_rows("value", n, lambda idx: value_pb2.ValuesRequest(sequences=seqs.select(idx).to_pb()),
                             lambda s: s.Values, _values(clients)) if with_values else no_values(),
-        clients.spread_rows("reward", n, lambda idx: reward_pb2.ScoreRequest(texts=reward_pb2.TextPairs(
-            prompts=[prompts[i] for i in idx], responses=[responses[i] for i in idx])), lambda s: s.Score,
-            lambda reply: list(codec.tensor_from_pb(reply.scores, "reward.scores").float())),
+        *(score(pool) for pool, _, _ in rewards),
     )
+    # several sources: each row's reward is the weighted sum of their scores
+    source_scores = [torch.stack(s) for s in per_source]
+    scores = list(sum(weight * s for (_, weight, _), s in zip(rewards, source_scores)))
+    source_stats = {f"reward/{name}/mean": float(s.mean()) for (_, _, name), s in zip(rewards, source_scores)}
     timings["score"] = time.perf_counter() - start
     return Experience(
         prompts=prompts, responses=responses, seqs=seqs,
         mask=codec.pad_rows(list(response_rows))[1], logprobs=_padded(list(logprobs)),
         ref_logprobs=_padded(ref), values=_padded(values), scores=torch.stack(scores),
-        policy_version=min(versions),
+        policy_version=min(versions), stats=source_stats if len(rewards) > 1 else {},
     )
 
 
@@ -276,6 +284,10 @@ class PPORunner(Runner):
         if self.moments is not None:
             self.moments.count, self.moments.mean, self.moments.m2 = state["moments"]
 
+    def reward_sources(self) -> tuple:
+        """(pool, weight, name) of each reward source of the run."""
+        return tuple((pool, weight, name) for pool, _, weight, name in self.cfg.reward_sources())
+
     def _next_prompts(self) -> list[str]:
         order = torch.randperm(len(self.prompts), generator=self.generator)[: self.cfg.ppo.batch_size]
         picked = [self.prompts[i] for i in order.tolist()]
@@ -333,7 +345,7 @@ class PPORunner(Runner):
         seed = row_seed(self.cfg.seed, step) or 1  # sampling seed of this iteration (0 would mean unseeded)
         self.phase = "generate"
         exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed,
-                            lambda phase: setattr(self, "phase", phase))
+                            lambda phase: setattr(self, "phase", phase), rewards=self.reward_sources())
         compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
         self.phase = "train"
         stats = exp.stats | await self._train(exp, step, timings)

@@ -110,7 +110,9 @@ async def start_controller_server(servicer: ControllerServicer):
 
 async def connect(cfg: ControllerConfig) -> ServiceClients:
     """Clients of the run's services, once all report SERVING and share a tokenizer."""
-    endpoints = {role: getattr(cfg.services, role) for role in cfg.roles()}
+    endpoints = {role: getattr(cfg.services, role) for role in cfg.roles() if role != "reward"}
+    if "reward" in cfg.roles():
+        endpoints |= {pool: target for pool, target, _, _ in cfg.reward_sources()}
     clients = ServiceClients(endpoints, cfg.rpc_timeout_seconds, cfg.rpc_retries, cfg.probe_seconds,
                              cfg.services.restart_timeout_seconds, security=cfg.services)
     try:

@@ -20,9 +20,13 @@ def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp
                if role in ("policy", "reference")}
     configs["reward"] = {"backend": "python", "python": {"function": "demo.rules:tidy_answer"}}
     prompts = write_prompts(tmp_path / "prompts.jsonl", synthetic.train_prompts(64, seed=5))
-    with LocalMesh(tmp_path / "services", configs) as mesh:
+    second = {"reward": {"backend": "python", "python": {"function": "tests.support.rules:length_score",
+                                                         "kwargs": {"scale": 0.01}}}}
+    with LocalMesh(tmp_path / "services", configs) as mesh, LocalMesh(tmp_path / "length", second) as lengths:
+        rewards = [{"name": "tidy", "target": mesh.endpoints["reward"], "weight": 1.0},
+                   {"name": "length", "target": lengths.endpoints["reward"], "weight": 0.5}]
         cfg = ControllerConfig.model_validate({
-            "algorithm": "grpo", "run_id": "grpo-e2e", "services": mesh.endpoints,
+            "algorithm": "grpo", "run_id": "grpo-e2e", "services": mesh.endpoints, "rewards": rewards,
             "data": {"prompts": str(prompts)}, "server": {"host": "127.0.0.1", "port": 0},
             "output_dir": str(tmp_path / "run"), "save_checkpoint": "final",
             "ppo": {"total_steps": 3, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8},
@@ -30,6 +34,7 @@ def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp
 
         async def run():
             await mesh.wait_ready(300)
+            await lengths.wait_ready(300)
             return await run_controller(cfg)
 
         runner = asyncio.run(run())
@@ -39,6 +44,10 @@ def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp
     for line in lines:
         assert all(math.isfinite(v) for v in line.values() if isinstance(v, float)), line
         assert "value/loss" not in line and 0 <= line["group/zero_variance_fraction"] <= 1
+        # two sources, weighted: the row rewards' mean is the weighted sum of the sources' means
+        assert line["reward/mean"] == pytest.approx(line["reward/tidy/mean"] + 0.5 * line["reward/length/mean"],
+                                                    rel=1e-5)
+        assert line["reward/length/mean"] > 0
     before = saved_weights(tiny_dirs["lm"])
     after = saved_weights(tmp_path / "checkpoints" / "policy" / "final")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)
@@ -49,3 +58,14 @@ def test_a_critic_free_run_needs_no_value_service(algorithm):
     cfg = ControllerConfig.model_validate({"algorithm": algorithm, "data": {"prompts": "p.jsonl"},
                                            "ppo": {"batch_size": 8, "minibatch_size": 8}, "critic_free": {"samples_per_prompt": 2}})
     assert cfg.roles() == ("policy", "reference", "reward")
+
+
+def test_reward_sources_are_named_weighted_and_distinct():
+    base = {"data": {"prompts": "p.jsonl"}}
+    assert ControllerConfig.model_validate(base).reward_sources() == [("reward", "127.0.0.1:50053", 1.0, "reward")]
+    rewards = [{"name": "rm", "target": "a:1"}, {"name": "rule", "target": "b:2", "weight": 0.3}]
+    cfg = ControllerConfig.model_validate(base | {"rewards": rewards})
+    assert cfg.reward_sources() == [("reward", "a:1", 1.0, "rm"), ("reward:rule", "b:2", 0.3, "rule")]
+    with pytest.raises(ValueError, match="names must differ"):
+        ControllerConfig.model_validate(base | {"rewards": [rewards[0], rewards[0]]})
+

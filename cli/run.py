@@ -63,12 +63,16 @@ def demo(
     seed: int = typer.Option(0, help="Seed for data, models and sampling"),
     metrics: bool = typer.Option(False, "--metrics",
                                  help="Serve /metrics on ports 9400-9404 and keep them up after the run until Ctrl-C"),
+    algorithm: str = typer.Option("ppo", help="Step 3: ppo (four services), or grpo, rloo, reinforce_pp (no value "
+                                  "service)"),
 ):
     """The embedded default: SFT, reward model and PPO on a tiny model, four services on loopback."""
     from demo.run import run_demo
 
     setup_logging()
+    if algorithm not in ("ppo", "grpo", "rloo", "reinforce_pp"):
+        fail(f"--algorithm {algorithm!r}: choose ppo, grpo, rloo or reinforce_pp", 2)
     try:
-        run_demo(out, steps=steps, seed=seed, metrics=metrics)
+        run_demo(out, steps=steps, seed=seed, metrics=metrics, algorithm=algorithm)
     except (RuntimeError, OSError) as error:
         fail(str(error), 1)

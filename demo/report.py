@@ -18,6 +18,7 @@ def write_report(out: pathlib.Path, paths: dict, ppo: dict, settings, wall_secon
         for p, b, a, gb, ga in zip(heldout, before["responses"], after["responses"], before["gold_each"], after["gold_each"])
     ][:6]
     report = {
+        "algorithm": settings.algorithm,
         "gold_score_sft": before["gold"],
         "gold_score_ppo": after["gold"],
         "gold_improvement": after["gold"] - before["gold"],

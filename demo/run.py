@@ -57,6 +57,8 @@ class DemoSettings:
     value_lr: float = 5e-4
     kl_coef: float = 0.05
     threads_per_service: int = 1
+    algorithm: str = "ppo"  # or a critic-free estimator: grpo, rloo, reinforce_pp (no value service)
+    samples_per_prompt: int = 4  # critic-free: responses per prompt (batch_size counts responses)
 
 
 def build_models(out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
@@ -89,6 +91,8 @@ def trainer_config(s: DemoSettings, epochs: int, lr: float, seed: int) -> Traine
 def service_configs(paths: dict, out: pathlib.Path, s: DemoSettings, seed: int) -> dict:
     """One config per service: policy/reference from SFT, reward and value from the RM."""
     models = {"policy": paths["sft"], "reference": paths["sft"], "reward": paths["rm"], "value": paths["rm"]}
+    if s.algorithm != "ppo":  # the critic-free estimators need no value model
+        models.pop("value")
     lrs = {"policy": s.policy_lr, "value": s.value_lr}
     configs = {}
     for role, path in models.items():
@@ -131,6 +135,7 @@ def controller_config(endpoints: dict, out: pathlib.Path, s: DemoSettings, seed:
     return ControllerConfig.model_validate({
         "run_id": f"demo-{seed}", "services": endpoints, "data": {"prompts": str(prompts)},
         "server": {"host": "127.0.0.1", "port": 0}, "output_dir": str(out), "seed": seed,
+        "algorithm": s.algorithm, "critic_free": {"samples_per_prompt": s.samples_per_prompt},
         "ppo": {"total_steps": s.ppo_steps, "batch_size": s.batch_size, "minibatch_size": s.minibatch_size,
                 "ppo_epochs": s.ppo_epochs, "max_new_tokens": s.max_new_tokens, "kl_coef": s.kl_coef},
     })
@@ -146,14 +151,14 @@ async def ppo_phase(mesh: LocalMesh, out: pathlib.Path, s: DemoSettings, seed: i
     before = await greedy_eval(clients, heldout, s.max_new_tokens)
     print(f"      before PPO: gold {before['gold']:.3f}, reward {before['reward']:.3f}", flush=True)
     curve = []
-    bar = tqdm(total=s.ppo_steps, desc="PPO", unit="step")
+    bar = tqdm(total=s.ppo_steps, desc=s.algorithm.upper(), unit="step")
 
     def on_step(result):
         mesh.check_alive()
         gold = [synthetic.gold_score(p, r) for p, r in zip(result.experience.prompts, result.experience.responses)]
         st = result.stats
         curve.append({"step": result.step + 1, "reward": st["reward/mean"], "kl": st["objective/kl"],
-                      "gold": sum(gold) / len(gold), "policy_loss": st["policy/loss"], "value_loss": st["value/loss"],
+                      "gold": sum(gold) / len(gold), "policy_loss": st["policy/loss"], "value_loss": st.get("value/loss", 0.0),
                       "response_length": st["response/length"]})
         bar.set_postfix(reward=f"{st['reward/mean']:.2f}", kl=f"{st['objective/kl']:.2f}", gold=f"{curve[-1]['gold']:.2f}")
         bar.update(1)
@@ -189,7 +194,8 @@ def hold_metrics(mesh: LocalMesh, controller_metrics) -> None:
         controller_metrics.close()
 
 
-def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0, metrics: bool = False) -> dict:
+def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0, metrics: bool = False,
+             algorithm: str = "ppo") -> dict:
     """Run all three steps and write report.json, curves.png and samples.md under out_dir.
 
     metrics: serve /metrics on the default ports (controller 9400, services 9401-9404) and keep them
@@ -200,9 +206,10 @@ def run_demo(out_dir: str = "runs/demo", steps: int | None = None, seed: int = 0
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    s = DemoSettings(ppo_steps=steps or DemoSettings.ppo_steps)
+    s = DemoSettings(ppo_steps=steps or DemoSettings.ppo_steps, algorithm=algorithm)
     paths = build_models(out, s, seed)
-    print("[3/3] PPO: starting policy, reference, reward and value services on 127.0.0.1", flush=True)
+    roles = "policy, reference, reward and value" if algorithm == "ppo" else "policy, reference and reward"
+    print(f"[3/3] {algorithm.upper()}: starting {roles} services on 127.0.0.1", flush=True)
     ports, controller_metrics = None, None
     if metrics:
         ports = {role: DEFAULT_METRICS_PORTS[role] for role in ("policy", "reference", "reward", "value")}

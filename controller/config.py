@@ -89,6 +89,12 @@ class CriticFreeConfig(Strict):
         4, ge=1, description="Responses sampled per prompt (the group); ppo.batch_size counts responses and must be "
         "a multiple of it. RLOO needs >= 2")
     scale_rewards: bool = Field(True, description="GRPO: divide by the group's score std; false is Dr. GRPO")
+    kl_in_loss: bool = Field(
+        False, description="Put kl_coef x KL(pi || pi_ref) (k3 estimator) into the policy loss, as GRPO's paper "
+        "does, instead of taking it out of the scores (ppo.kl_estimator)")
+    loss_aggregation: Literal["token", "sequence"] = Field(
+        "token", description="token: the mean over the minibatch's response tokens; sequence: each response's "
+        "token mean, then the mean over responses (GRPO's paper)")
 
 
 class DPOConfig(Strict):

@@ -10,8 +10,10 @@ with the same clipped surrogate as PPO. No value service is needed or asked.
 The KL to the reference goes into the reward with the configured estimator
 (ppo.kl_estimator, ppo.kl_coef): for GRPO and RLOO each response's score
 loses kl_coef x its summed KL before the group comparison; REINFORCE++ pays
-it per token, as PPO does. The loss is aggregated over tokens (the
-services' policy loss: the minibatch's token mean).
+it per token, as PPO does. With critic_free.kl_in_loss it goes into the
+policy loss instead (k3, as GRPO's paper), and the scores stay as they are.
+critic_free.loss_aggregation averages the loss over tokens or over
+responses.
 """
 
 import time
@@ -31,6 +33,7 @@ from controller.loop import (
     policy_request,
     shard,
 )
+from rlhf.v1 import policy_pb2
 from services.seeds import row_seed
 
 
@@ -76,7 +79,11 @@ class CriticFreeRunner(PPORunner):
         """One optimizer step of the policy on minibatch rows `index`, sharded over its ranks."""
         cfg, c = self.cfg.ppo, self.clients
         ranks = c.ranks("policy")
-        requests = [policy_request(exp, cfg, key, part, ptx)
+        cf = self.cfg.critic_free
+        kl_coef = self.kl_ctl.value if cf.kl_in_loss else 0.0
+        aggregation = (policy_pb2.LOSS_AGGREGATION_SEQUENCE if cf.loss_aggregation == "sequence"
+                       else policy_pb2.LOSS_AGGREGATION_TOKEN)
+        requests = [policy_request(exp, cfg, key, part, ptx, kl_coef, aggregation)
                     for part, ptx in zip(shard(index, ranks), self._ptx_shards(ranks))]
         replies = await c.each_rank("policy", lambda s: s.Train, requests)
         c.watch.trained("policy", replies)
@@ -109,8 +116,10 @@ class CriticFreeRunner(PPORunner):
                             lambda phase: setattr(self, "phase", phase), with_values=False,
                             rewards=self.reward_sources())
         cf = self.cfg.critic_free
-        critic_free_advantages(exp, self.cfg.algorithm, cf.samples_per_prompt, cf.scale_rewards, self.kl_ctl.value,
+        reward_kl = 0.0 if cf.kl_in_loss else self.kl_ctl.value  # the KL is paid in the loss or in the scores
+        critic_free_advantages(exp, self.cfg.algorithm, cf.samples_per_prompt, cf.scale_rewards, reward_kl,
                                self.cfg.ppo.kl_estimator)
+        exp.stats["objective/kl_coef"] = self.kl_ctl.value
         self.phase = "train"
         stats = exp.stats | await self._train(exp, step, timings)
         self.phase = "idle"

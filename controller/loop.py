@@ -162,12 +162,17 @@ def _rows(padded: torch.Tensor, mask: torch.Tensor, index: list[int]) -> tensor_
     return codec.ragged_to_pb(rows, torch.float32)
 
 
-def policy_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int], ptx=None):
-    """The Policy.Train request of minibatch rows `index` (one rank's shard, or the whole minibatch)."""
+def policy_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int], ptx=None,
+                   kl_coef: float = 0.0, aggregation: int = policy_pb2.LOSS_AGGREGATION_TOKEN):
+    """The Policy.Train request of minibatch rows `index` (one rank's shard, or the whole minibatch).
+
+    kl_coef > 0 puts KL(pi || pi_ref) into the loss (the reference log-probs go along); aggregation: token or
+    sequence mean (critic-free runs)."""
     ppo_objective = policy_pb2.PPOObjective(
         sequences=exp.seqs.select(index).to_pb(), old_logprobs=_rows(exp.logprobs, exp.mask, index),
         advantages=_rows(exp.advantages, exp.mask, index), clip_range=cfg.clip_range,
-        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature,
+        entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, kl_coef=kl_coef, aggregation=aggregation,
+        ref_logprobs=_rows(exp.ref_logprobs, exp.mask, index) if kl_coef else None,
     )
     return policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
 
@@ -187,7 +192,7 @@ def shard(index: list[int], ranks: int) -> list[list[int]]:
 
 
 # Fields each rank reports as its share of the minibatch's value (normalised by the whole minibatch).
-POLICY_ADDITIVE = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "tokens",
+POLICY_ADDITIVE = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "tokens", "kl_loss",
                    "reward_accuracy", "reward_margin")
 VALUE_ADDITIVE = ("loss", "clip_fraction", "tokens")
 
@@ -207,7 +212,8 @@ def _mean_stats(replies: list, fields: dict[str, str]) -> dict[str, float]:
 
 
 POLICY_FIELDS = {"policy/loss": "policy_loss", "policy/clipfrac": "clip_fraction", "policy/approx_kl": "approx_kl",
-                 "policy/entropy": "entropy", "policy/grad_norm": "grad_norm", "policy/ptx_loss": "ptx_loss"}
+                 "policy/entropy": "entropy", "policy/grad_norm": "grad_norm", "policy/ptx_loss": "ptx_loss",
+                 "policy/kl_loss": "kl_loss"}
 VALUE_FIELDS = {"value/loss": "loss", "value/clipfrac": "clip_fraction", "value/grad_norm": "grad_norm",
                 "value/explained_variance": "explained_variance"}
 

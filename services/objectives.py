@@ -67,6 +67,17 @@ def policy_loss(
     return PolicyLossOutput(loss, clipfrac, approx_kl)
 
 
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+          normalizer: Optional[Number] = None) -> torch.Tensor:
+    """KL(pi || pi_ref) with the k3 estimator, (r - 1) - log r with r = pi_ref / pi, averaged over tokens.
+
+    The term GRPO adds to its loss (Shao et al. 2024, eq. 4): unbiased and >= 0 per token, and its gradient
+    pulls pi toward pi_ref. logprobs, ref_logprobs, mask: (B, T).
+    """
+    log_r = ref_logprobs - logprobs  # (B, T)
+    return _token_mean(torch.expm1(log_r) - log_r, mask.to(logprobs.dtype), normalizer)
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

@@ -38,6 +38,9 @@ class PPOBatch:
     clip_range: float
     entropy_coef: float
     temperature: float
+    ref_logprobs: list[torch.Tensor] | None = None  # with kl_coef > 0: B x (R_i,) log pi_ref(a_t|s_t)
+    kl_coef: float = 0.0
+    by_sequence: bool = False  # LOSS_AGGREGATION_SEQUENCE: each response's token mean, then the mean over responses
 
 
 def ppo_from_pb(pb: policy_pb2.PPOObjective, limits, bound: float) -> PPOBatch:
@@ -49,7 +52,12 @@ def ppo_from_pb(pb: policy_pb2.PPOObjective, limits, bound: float) -> PPOBatch:
     check_range(pb.clip_range, "ppo.clip_range", 0.0, MAX_COEF, low_open=True)
     check_range(pb.entropy_coef, "ppo.entropy_coef", -MAX_COEF, MAX_COEF)
     temperature = check_temperature(pb.temperature, "ppo.temperature") or 1.0
-    return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature)
+    check_range(pb.kl_coef, "ppo.kl_coef", 0.0, MAX_COEF)
+    ref = codec.float_rows_from_pb(pb.ref_logprobs, "ppo.ref_logprobs", lengths, bound=bound) if pb.kl_coef else None
+    if pb.aggregation not in (policy_pb2.LOSS_AGGREGATION_TOKEN, policy_pb2.LOSS_AGGREGATION_SEQUENCE):
+        raise InvalidArgument("ppo.aggregation", f"unknown loss aggregation {pb.aggregation}")
+    return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature, ref, pb.kl_coef,
+                    pb.aggregation == policy_pb2.LOSS_AGGREGATION_SEQUENCE)
 
 
 @dataclass
@@ -170,8 +178,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         return await self.answer_logprobs(request, self.logprob_batcher, self.model_version(), context)
 
     # --- Train --------------------------------------------------------------
-    def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict, n_tokens: float) -> list:
-        """n_tokens: response tokens of the whole minibatch (all ranks' shards)."""
+    def _ppo_micro_losses(self, batch: PPOBatch, micro: int, stats: dict, normalizer: float) -> list:
+        """normalizer: response tokens (or, by sequence, responses) of the whole minibatch (all ranks' shards)."""
         m = self.loaded
 
         def loss_for(idx):
@@ -180,13 +188,23 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
                 logits = logits.float() / batch.temperature  # (b, R, V)
                 old, _ = codec.pad_rows([batch.old_logprobs[i] for i in idx])
                 adv, _ = codec.pad_rows([batch.advantages[i] for i in idx])
+                if batch.by_sequence:  # each token weighs 1 / its response's length: sums become sequence means
+                    mask = mask / mask.sum(1, keepdim=True).clamp_min(1)
                 logprobs = objectives.logprobs_from_logits(logits, labels)  # (b, R)
-                out = objectives.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range, n_tokens)
-                entropy = (objectives.entropy_from_logits(logits) * mask).sum() / n_tokens
-                for name, value in (("policy_loss", out.loss), ("clip_fraction", out.clipfrac),
-                                    ("approx_kl", out.approx_kl), ("entropy", entropy)):
+                out = objectives.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range,
+                                             normalizer)
+                entropy = (objectives.entropy_from_logits(logits) * mask).sum() / normalizer
+                loss = out.loss - batch.entropy_coef * entropy
+                parts = [("policy_loss", out.loss), ("clip_fraction", out.clipfrac), ("approx_kl", out.approx_kl),
+                         ("entropy", entropy)]
+                if batch.kl_coef:
+                    ref, _ = codec.pad_rows([batch.ref_logprobs[i] for i in idx])
+                    kl = objectives.k3_kl(logprobs, ref.to(m.device), mask, normalizer)
+                    loss = loss + batch.kl_coef * kl
+                    parts.append(("kl_loss", kl))
+                for name, value in parts:
                     stats[name] = stats.get(name, 0.0) + float(value.detach())
-                return out.loss - batch.entropy_coef * entropy
+                return loss
 
             return fn
 
@@ -241,7 +259,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         dpo = isinstance(batch, DPOBatch)
         tokens = sum(batch.seqs.response_lengths)  # this shard's response tokens
         ptx_tokens = sum(int(r.numel()) - 1 for r in ptx[0]) if ptx else 0
-        n_main, n_ptx = self.trainer.agree([batch.n_pairs if dpo else tokens, ptx_tokens])
+        main = batch.n_pairs if dpo else len(batch.seqs) if batch.by_sequence else tokens
+        n_main, n_ptx = self.trainer.agree([main, ptx_tokens])
         if dpo:
             losses = self._dpo_micro_losses(batch, micro, stats, n_main)
         else:
@@ -251,6 +270,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         grad_norm, applied = self.trainer.step(losses)
         entropy_term = getattr(batch, "entropy_coef", 0.0) * stats.get("entropy", 0.0)
         total = stats["policy_loss"] - entropy_term + (ptx[1] * stats["ptx_loss"] if ptx else 0.0)
+        total += getattr(batch, "kl_coef", 0.0) * stats.get("kl_loss", 0.0)
         return policy_pb2.PolicyTrainResponse(
             loss=total, grad_norm=grad_norm, model_version=self.trainer.version,
             tokens=tokens, skipped=not applied, **stats,

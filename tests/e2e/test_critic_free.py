@@ -15,7 +15,8 @@ from tests.support.mesh import saved_weights, service_configs
 from training import synthetic
 
 
-def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp_path):
+@pytest.mark.parametrize("loss", [{}, {"kl_in_loss": True, "loss_aggregation": "sequence"}])
+def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp_path, loss):
     configs = {role: cfg for role, cfg in service_configs(tiny_dirs, tmp_path / "checkpoints").items()
                if role in ("policy", "reference")}
     configs["reward"] = {"backend": "python", "python": {"function": "demo.rules:tidy_answer"}}
@@ -30,7 +31,7 @@ def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp
             "data": {"prompts": str(prompts)}, "server": {"host": "127.0.0.1", "port": 0},
             "output_dir": str(tmp_path / "run"), "save_checkpoint": "final",
             "ppo": {"total_steps": 3, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 1, "max_new_tokens": 8},
-            "critic_free": {"samples_per_prompt": 4}})
+            "critic_free": {"samples_per_prompt": 4, **loss}})
 
         async def run():
             await mesh.wait_ready(300)
@@ -48,6 +49,10 @@ def test_grpo_trains_the_policy_on_a_rule_without_a_value_service(tiny_dirs, tmp
         assert line["reward/mean"] == pytest.approx(line["reward/tidy/mean"] + 0.5 * line["reward/length/mean"],
                                                     rel=1e-5)
         assert line["reward/length/mean"] > 0
+        if loss:  # the KL is a loss term: zero at the first step only, where the policy is the reference
+            assert line["policy/kl_loss"] > 0 or line["step"] == 0
+        else:
+            assert line["policy/kl_loss"] == 0
     before = saved_weights(tiny_dirs["lm"])
     after = saved_weights(tmp_path / "checkpoints" / "policy" / "final")
     assert any(not torch.equal(before[k], after[k]) for k in before if k in after)

@@ -1,5 +1,6 @@
 """PolicyService over a real gRPC server on a loopback port."""
 
+import math
 import pathlib
 
 import pytest
@@ -189,3 +190,30 @@ def test_train_rejects_bad_minibatches_without_touching_weights(policy):
 def test_logprobs_rejects_empty_batch(policy):
     empty = tensor_pb2.SequenceBatch(tokens=codec.ragged_to_pb([], torch.int32))
     expect_invalid(policy.LogProbs, common_pb2.LogProbsRequest(sequences=empty), "sequences.tokens.lengths")
+
+
+@pytest.mark.parametrize("by_sequence", [False, True])
+def test_grpo_loss_terms_kl_in_the_loss_and_sequence_aggregation(policy, by_sequence):
+    prompts = synthetic.train_prompts(3, seed=40)
+    seqs = sequences_from_generation(policy.Generate(text_generate(prompts, max_new_tokens=6, seed=2), timeout=60))
+    current, _ = logprobs_of(policy, seqs)
+    advantages = [torch.full((int(n),), float(i + 1)) for i, n in enumerate(seqs.response_lengths)]  # 1, 2, 3
+    request = ppo_train(seqs, current, advantages, step=700 + by_sequence)
+    request.ppo.kl_coef = 0.1
+    request.ppo.ref_logprobs.CopyFrom(codec.ragged_to_pb([lp - 0.5 for lp in current], torch.float32))
+    if by_sequence:
+        request.ppo.aggregation = policy_pb2.LOSS_AGGREGATION_SEQUENCE
+    reply = policy.Train(request, timeout=120)
+    lengths = torch.tensor(seqs.response_lengths, dtype=torch.float32)
+    # ratio 1 at the first step: the surrogate is -mean(advantage), by token or by response
+    expected = -2.0 if by_sequence else -float((torch.tensor([1.0, 2.0, 3.0]) * lengths).sum() / lengths.sum())
+    assert reply.policy_loss == pytest.approx(expected, abs=1e-4)
+    k3 = math.exp(-0.5) - 1 + 0.5  # (r - 1) - log r with log r = ref - logprob = -0.5 on every token
+    assert reply.kl_loss == pytest.approx(k3, abs=1e-4)
+    assert reply.loss == pytest.approx(reply.policy_loss - 0.0 * reply.entropy + 0.1 * reply.kl_loss, abs=1e-4)
+    bad = ppo_train(seqs, current, advantages, step=710)
+    bad.ppo.kl_coef = 0.1  # no reference log-probs
+    expect_invalid(policy.Train, bad, "ppo.ref_logprobs")
+    unknown = ppo_train(seqs, current, advantages, step=711)
+    unknown.ppo.aggregation = 7
+    expect_invalid(policy.Train, unknown, "ppo.aggregation")

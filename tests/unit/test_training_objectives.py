@@ -136,3 +136,15 @@ def test_sft_loss_ignores_prompt_tokens(lm_dir):
     shuffled[0, : n_prompt - 1] = torch.randn(n_prompt - 1, vocab)  # positions that predict prompt tokens
     assert float(response_nll(shuffled, labels_t)[0]) == pytest.approx(float(nll), rel=1e-6)
     assert SFTObjective(tokenizer.pad_token_id).weight((ids, labels)) == count
+
+
+def test_k3_kl_by_hand():
+    from services.objectives import k3_kl
+
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    by_hand = ((math.exp(-0.5) - 1 + 0.5) + 0.0) / 2  # (r - 1) - log r per real token, r = exp(ref - logprob)
+    assert float(k3_kl(logprobs, ref, mask)) == pytest.approx(by_hand)
+    assert float(k3_kl(logprobs, logprobs, mask)) == 0.0
+

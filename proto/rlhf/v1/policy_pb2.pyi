@@ -1,12 +1,20 @@
 from rlhf.v1 import common_pb2 as _common_pb2
 from rlhf.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class LossAggregation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOSS_AGGREGATION_TOKEN: _ClassVar[LossAggregation]
+    LOSS_AGGREGATION_SEQUENCE: _ClassVar[LossAggregation]
+LOSS_AGGREGATION_TOKEN: LossAggregation
+LOSS_AGGREGATION_SEQUENCE: LossAggregation
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("prompts", "responses")
@@ -61,20 +69,26 @@ class GenerateResponse(_message.Message):
     def __init__(self, prompt_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_tokens: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., response_texts: _Optional[_Iterable[str]] = ..., policy_version: _Optional[int] = ..., finished: _Optional[_Iterable[bool]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class PPOObjective(_message.Message):
-    __slots__ = ("sequences", "old_logprobs", "advantages", "clip_range", "entropy_coef", "temperature")
+    __slots__ = ("sequences", "old_logprobs", "advantages", "clip_range", "entropy_coef", "temperature", "ref_logprobs", "kl_coef", "aggregation")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     OLD_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     ADVANTAGES_FIELD_NUMBER: _ClassVar[int]
     CLIP_RANGE_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_COEF_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    REF_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    KL_COEF_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     sequences: _tensor_pb2.SequenceBatch
     old_logprobs: _tensor_pb2.RaggedTensor
     advantages: _tensor_pb2.RaggedTensor
     clip_range: float
     entropy_coef: float
     temperature: float
-    def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., advantages: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range: _Optional[float] = ..., entropy_coef: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    ref_logprobs: _tensor_pb2.RaggedTensor
+    kl_coef: float
+    aggregation: LossAggregation
+    def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., advantages: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range: _Optional[float] = ..., entropy_coef: _Optional[float] = ..., temperature: _Optional[float] = ..., ref_logprobs: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., kl_coef: _Optional[float] = ..., aggregation: _Optional[_Union[LossAggregation, str]] = ...) -> None: ...
 
 class PtxBatch(_message.Message):
     __slots__ = ("tokens", "texts", "coef")
@@ -113,7 +127,7 @@ class PolicyTrainRequest(_message.Message):
     def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
 
 class PolicyTrainResponse(_message.Message):
-    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id", "skipped")
+    __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id", "skipped", "kl_loss")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     POLICY_LOSS_FIELD_NUMBER: _ClassVar[int]
     CLIP_FRACTION_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +142,7 @@ class PolicyTrainResponse(_message.Message):
     REWARD_MARGIN_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    KL_LOSS_FIELD_NUMBER: _ClassVar[int]
     loss: float
     policy_loss: float
     clip_fraction: float
@@ -142,4 +157,5 @@ class PolicyTrainResponse(_message.Message):
     reward_margin: float
     instance_id: str
     skipped: bool
-    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ..., instance_id: _Optional[str] = ..., skipped: _Optional[bool] = ...) -> None: ...
+    kl_loss: float
+    def __init__(self, loss: _Optional[float] = ..., policy_loss: _Optional[float] = ..., clip_fraction: _Optional[float] = ..., approx_kl: _Optional[float] = ..., entropy: _Optional[float] = ..., grad_norm: _Optional[float] = ..., ptx_loss: _Optional[float] = ..., model_version: _Optional[int] = ..., tokens: _Optional[int] = ..., replayed: _Optional[bool] = ..., reward_accuracy: _Optional[float] = ..., reward_margin: _Optional[float] = ..., instance_id: _Optional[str] = ..., skipped: _Optional[bool] = ..., kl_loss: _Optional[float] = ...) -> None: ...

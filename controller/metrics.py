@@ -9,6 +9,7 @@ services.metrics, in the same per-process registry.
 """
 
 import logging
+import re
 import time
 
 from prometheus_client import (
@@ -45,6 +46,10 @@ STEP_GAUGES: dict[str, tuple[str, str]] = {
     "policy/grad_norm": ("rlhf_policy_grad_norm", "Policy gradient norm before clipping, mean over minibatches."),
     "policy/ptx_loss": ("rlhf_policy_ptx_loss", "PPO-ptx pretraining LM loss, mean over minibatches."),
     "policy/version": ("rlhf_policy_version", "Optimizer steps the policy has applied."),
+    "policy/kl_loss": ("rlhf_policy_kl_loss", "The k3 KL(pi || pi_ref) term of the policy loss (critic_free.kl_in_loss)."),
+    "group/reward_std": ("rlhf_group_reward_std", "Critic-free runs: score std within a prompt's group, mean."),
+    "group/zero_variance_fraction": ("rlhf_group_zero_variance_ratio",
+                                     "Critic-free runs: groups whose scores are all equal (no learning signal)."),
     "value/loss": ("rlhf_value_loss", "Clipped value loss, mean over minibatches."),
     "value/clipfrac": ("rlhf_value_clip_ratio", "Fraction of value predictions that were clipped."),
     "value/grad_norm": ("rlhf_value_grad_norm", "Value gradient norm before clipping, mean over minibatches."),
@@ -62,6 +67,7 @@ STEP_GAUGES: dict[str, tuple[str, str]] = {
     "eval/rm_ece": ("rlhf_eval_rm_ece", "Expected calibration error of P(chosen preferred), held out (latest)."),
 }
 PHASES = {"time/generate": "generate", "time/score": "score", "time/train": "train"}
+SOURCE_MEAN = re.compile(r"reward/([a-z][a-z0-9_]*)/mean")  # one reward source's mean (controller rewards:)
 RUN_STATES = ("starting", "running", "waiting", "restoring", "stopping", "finished", "failed")
 
 
@@ -114,11 +120,18 @@ class StepCollector(Collector):
 
     def __init__(self):
         self.latest: dict[str, float] = {}
+        self.sources: dict[str, float] = {}  # reward source name -> its mean score in the last step
 
     def collect(self):
         for key, value in list(self.latest.items()):
             name, doc = STEP_GAUGES[key]
             yield GaugeMetricFamily(name, doc, value)
+        if self.sources:
+            family = GaugeMetricFamily("rlhf_reward_source_mean", "Mean score of each reward source (rewards:) in "
+                                       "the last step, before weighting.", labels=["source"])
+            for source, value in self.sources.items():
+                family.add_metric([source], value)
+            yield family
 
 
 class ControllerMetrics:
@@ -166,7 +179,10 @@ class ControllerMetrics:
     def observe_step(self, stats: dict) -> None:
         """Export one step's statistics (a StepResult.stats dict)."""
         for key, value in stats.items():
-            if key in STEP_GAUGES:
+            source = SOURCE_MEAN.fullmatch(key)
+            if source:
+                self._stats.sources[source.group(1)] = float(value)
+            elif key in STEP_GAUGES:
                 self._stats.latest[key] = float(value)
             elif key in self._phases:
                 self._phases[key].observe(float(value))

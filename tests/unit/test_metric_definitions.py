@@ -52,6 +52,11 @@ def test_controller_exports_every_step_statistic():
     assert value(got, "rlhf_last_step_timestamp_seconds") > 1e9
     assert not any(name.startswith("rlhf_dpo_") for name, _ in got)  # a PPO run exports no DPO gauges
     assert value(got, "rlhf_run_checkpoint_step") == -1 and value(got, "rlhf_run_restores_total") == 0
+    metrics.observe_step({"reward/rm/mean": 0.25, "reward/format/mean": 1.0, "group/zero_variance_fraction": 0.5})
+    got = samples(exposition(metrics.registry))
+    assert value(got, "rlhf_reward_source_mean", source="rm") == 0.25
+    assert value(got, "rlhf_reward_source_mean", source="format") == 1.0
+    assert value(got, "rlhf_group_zero_variance_ratio") == 0.5
 
 
 def test_a_run_that_retries_a_service_reports_waiting_for_it():

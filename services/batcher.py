@@ -57,13 +57,17 @@ def call_alive(context) -> Callable[[], bool]:
 class Batcher:
     """Merges queued requests into batches and runs them on `executor`."""
 
-    def __init__(self, run: RunBatch, cfg: BatchingConfig, executor: Executor):
+    def __init__(self, run: RunBatch, cfg: BatchingConfig, executor: Executor, concurrent: bool = False):
+        """concurrent: start the next batch while earlier ones still run (an executor of several threads, whose
+        calls may hang: a rule-based reward), instead of one batch at a time (the model thread)."""
         self._run = run
         self._cfg = cfg
         self._executor = executor
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=cfg.max_queue)
         self._held: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task | None = None
+        self._concurrent = concurrent
+        self._running: set[asyncio.Task] = set()
         self.batch_alive: Callable[[], bool] = _always  # whether the running batch is still wanted (model thread)
         self.dropped = 0  # requests dropped unrun because their caller had gone
         self.admitted = 0  # requests holding an admit() slot now
@@ -146,18 +150,29 @@ class Batcher:
             items = [item for r in group for item in r.items]
             if self.on_batch:
                 self.on_batch(len(items), sum(r.tokens for r in group))
-            try:
-                results = await loop.run_in_executor(self._executor, self._timed_run, group[0].key, items)
-            except Exception as error:  # noqa: BLE001 - every waiter hears of it
-                for r in group:
-                    if not r.future.done():
-                        r.future.set_exception(error)
-                continue
-            start = 0
+            call = loop.run_in_executor(self._executor, self._timed_run, group[0].key, items)
+            if self._concurrent:
+                task = asyncio.ensure_future(self._answer(group, call))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            else:
+                await self._answer(group, call)
+
+    @staticmethod
+    async def _answer(group: list[_Request], call) -> None:
+        """Give each request of `group` its slice of the batch's results, or the batch's error."""
+        try:
+            results = await call
+        except Exception as error:  # noqa: BLE001 - every waiter hears of it
             for r in group:
                 if not r.future.done():
-                    r.future.set_result(results[start : start + len(r.items)])
-                start += len(r.items)
+                    r.future.set_exception(error)
+            return
+        start = 0
+        for r in group:
+            if not r.future.done():
+                r.future.set_result(results[start : start + len(r.items)])
+            start += len(r.items)
 
     async def close(self) -> None:
         """Stop the batching task."""

@@ -5,12 +5,14 @@ a user function (services/rules.py), behind the same contract, validation,
 admission and metrics.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services import codec
 from services.batch import ModelLimits, check_token_rows, tokens_from_pb
-from services.batcher import call_alive
+from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import encode_for_reward
 from services.inference import sequence_scores
@@ -29,6 +31,10 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.rules: RuleScorer | None = None  # set when loaded, with backend: python
+        if cfg.backend == "python":  # a rule's calls run on threads of their own, several batches at once
+            self.rule_pool = ThreadPoolExecutor(max_workers=cfg.python.workers, thread_name_prefix="reward-rule")
+            self.batcher = Batcher(lambda key, items: self.rules.run_rows(key, items), cfg.batching, self.rule_pool,
+                                   concurrent=True)
 
     def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
         m = self.loaded
@@ -78,7 +84,7 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         """Scores of (prompt, response) texts: the rule's, or the model's through the batcher."""
         m = self.require()
         if self.rules is not None:
-            return await self.rules.score(prompts, responses)
+            return await self.rules.score(self.batcher, prompts, responses, call_alive(context))
         return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m), context)
 
     async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
@@ -118,7 +124,7 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     async def close(self) -> None:
         await super().close()
         if self.rules is not None:
-            self.rules.close()
+            self.rule_pool.shutdown(wait=False, cancel_futures=True)
 
     async def Compare(self, request, context):
         return await self.compare(request, context)

@@ -2,11 +2,12 @@
 
 The function is `package.module:function`, called as function(prompt,
 response, **kwargs) -> float, or with `batched` as function(prompts,
-responses, **kwargs) -> list of floats. It runs on its own threads: a
-request whose rows take longer than `timeout_seconds` is DEADLINE_EXCEEDED
-(the call keeps running on its thread; the service keeps serving), and one
-that raises or returns anything but finite numbers is INTERNAL naming the
-exception type or the row.
+responses, **kwargs) -> list of floats. Requests are batched like a model's
+and the calls run on their own threads: a request whose rows take longer
+than `timeout_seconds` is DEADLINE_EXCEEDED (the call keeps running on its
+thread; the service keeps serving), and one whose row raises or returns
+anything but a finite number is INTERNAL naming the exception type or the
+row.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from services.config import PythonRewardConfig
@@ -35,43 +35,57 @@ def load_function(spec: str) -> Callable:
 
 
 class RuleScorer:
-    """Scores (prompt, response) rows with the configured function, off the event loop, within the timeout."""
+    """Scores (prompt, response) rows with the configured function through a batcher of its own threads.
+
+    Concurrent requests are merged into one batch (a `batched` function sees all their rows at once) and
+    batches run side by side on `workers` threads, so one slow call does not hold up the others. A row whose
+    call fails fails its own request; with a batched function, a failed call fails the requests of its batch.
+    """
 
     def __init__(self, cfg: PythonRewardConfig):
         self.cfg = cfg
         self.function = load_function(cfg.function)
-        self.pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reward-rule")
 
-    def _call(self, prompts: list[str], responses: list[str]) -> list[float]:
+    def _checked(self, score, row: int) -> float | RuleFailed:
         try:
-            if self.cfg.batched:
-                scores = list(self.function(prompts, responses, **self.cfg.kwargs))
-            else:
-                scores = [self.function(p, r, **self.cfg.kwargs) for p, r in zip(prompts, responses)]
-        except Exception as error:  # noqa: BLE001 - the user's function: any failure is this request's
-            raise RuleFailed(f"{self.cfg.function} raised {type(error).__name__}: {error}") from error
-        if len(scores) != len(prompts):
-            raise RuleFailed(f"{self.cfg.function} returned {len(scores)} scores for {len(prompts)} rows")
-        out = []
-        for i, score in enumerate(scores):
+            value = float(score)
+        except (TypeError, ValueError):
+            return RuleFailed(f"{self.cfg.function} returned {score!r} for row {row}: not a number")
+        if not math.isfinite(value):
+            return RuleFailed(f"{self.cfg.function} returned {value} for row {row}: not finite")
+        return value
+
+    def _failed(self, error: Exception) -> RuleFailed:
+        return RuleFailed(f"{self.cfg.function} raised {type(error).__name__}: {error}")
+
+    def run_rows(self, _key, items: list[tuple[str, str]]) -> list:
+        """One float (or the RuleFailed of that row) per (prompt, response) item; runs on a rule thread."""
+        if self.cfg.batched:
             try:
-                value = float(score)
-            except (TypeError, ValueError):
-                raise RuleFailed(f"{self.cfg.function} returned {score!r} for row {i}: not a number") from None
-            if not math.isfinite(value):
-                raise RuleFailed(f"{self.cfg.function} returned {value} for row {i}: not finite")
-            out.append(value)
+                scores = list(self.function([p for p, _ in items], [r for _, r in items], **self.cfg.kwargs))
+            except Exception as error:  # noqa: BLE001 - the user's function: any failure is the batch's
+                return [self._failed(error)] * len(items)
+            if len(scores) != len(items):
+                return [RuleFailed(f"{self.cfg.function} returned {len(scores)} scores for {len(items)} rows")
+                        ] * len(items)
+            return [self._checked(score, i) for i, score in enumerate(scores)]
+        out = []
+        for i, (prompt, response) in enumerate(items):
+            try:
+                out.append(self._checked(self.function(prompt, response, **self.cfg.kwargs), i))
+            except Exception as error:  # noqa: BLE001 - the user's function: any failure is this row's
+                out.append(self._failed(error))
         return out
 
-    async def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        """One score per row; TooSlow past timeout_seconds, RuleFailed when the function fails."""
-        loop = asyncio.get_running_loop()
+    async def score(self, batcher, prompts: list[str], responses: list[str], alive) -> list[float]:
+        """One score per row through `batcher`; TooSlow past timeout_seconds, RuleFailed for a failed row."""
         try:
-            return await asyncio.wait_for(loop.run_in_executor(self.pool, self._call, prompts, responses),
-                                          self.cfg.timeout_seconds)
+            results = await asyncio.wait_for(
+                batcher.submit(None, list(zip(prompts, responses)), len(prompts), alive), self.cfg.timeout_seconds)
         except TimeoutError:
             raise TooSlow(f"{self.cfg.function} took longer than python.timeout_seconds="
                           f"{self.cfg.timeout_seconds:g} s for {len(prompts)} rows") from None
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for result in results:
+            if isinstance(result, RuleFailed):
+                raise result
+        return results

@@ -66,6 +66,13 @@ def test_a_failing_or_slow_rule_fails_its_request_and_the_service_keeps_serving(
         code, details = status(lambda: stub.Score(score_texts(["q"], ["boom"]), timeout=30))
         assert code == grpc.StatusCode.INTERNAL and "KeyError" in details
         assert list(stub.Score(score_texts(["q"], ["fine"]), timeout=30).values) == [1.0]
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # merged into shared calls: only boom's fail
+            outcomes = list(pool.map(lambda r: status(lambda: stub.Score(score_texts(["q"], [r]), timeout=30))[0]
+                                     if r == "boom" else stub.Score(score_texts(["q"], [r]), timeout=30).values[0],
+                                     ["boom", "ok"] * 4))
+        assert outcomes == [grpc.StatusCode.INTERNAL, 1.0] * 4
     with ServerThread(rule_config("tests.support.rules:not_a_number")).start() as server:
         stub = reward_pb2_grpc.RewardServiceStub(server.channel())
         for response, why in (("text", "not a number"), ("other", "not finite")):
@@ -94,3 +101,26 @@ def test_bad_rule_configs_are_refused(data, message):
 def test_a_function_that_does_not_exist_stops_the_service_at_start():
     with pytest.raises(RuntimeError, match="has no function 'nope'"):
         ServerThread(rule_config("demo.rules:nope")).start(timeout=30)
+
+
+def test_concurrent_requests_share_calls_and_a_slow_call_holds_up_no_other():
+    import concurrent.futures
+    import time
+
+    from tests.support import rules
+
+    rules.CALLS.clear()
+    with ServerThread(rule_config("tests.support.rules:recorded", batched=True)).start() as server:
+        stub = reward_pb2_grpc.RewardServiceStub(server.channel())
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda i: stub.Score(score_texts([f"q{i}"], ["a"]), timeout=30), range(16)))
+        assert all(list(r.values) == [1.0] for r in replies)
+        assert sum(rules.CALLS) == 16 and max(rules.CALLS) > 1  # rows of several requests in one call
+    with ServerThread(rule_config("tests.support.rules:slow_when_asked", timeout_seconds=5)).start() as server:
+        stub = reward_pb2_grpc.RewardServiceStub(server.channel())
+        slow = stub.Score.future(score_texts(["q"], ["slow"]), timeout=30)
+        time.sleep(0.2)
+        start = time.perf_counter()
+        assert list(stub.Score(score_texts(["q"], ["fast"]), timeout=30).values) == [0.5]
+        assert time.perf_counter() - start < 1.5  # answered while the slow call still runs
+        assert list(slow.result().values) == [0.5]

@@ -24,3 +24,18 @@ def not_a_number(prompt: str, response: str):
 def slow(prompt: str, response: str) -> float:
     time.sleep(2.0)
     return 0.0
+
+
+CALLS: list[int] = []  # rows per call of `recorded`, for the batching test
+
+
+def recorded(prompts: list[str], responses: list[str]) -> list[float]:
+    CALLS.append(len(prompts))
+    time.sleep(0.05)  # long enough for concurrent requests to queue up behind the first call
+    return [1.0] * len(prompts)
+
+
+def slow_when_asked(prompt: str, response: str) -> float:
+    if response == "slow":
+        time.sleep(2.0)
+    return 0.5

@@ -132,20 +132,8 @@ def _plain_with_token(module, target: str, options: list, token: str, aio: bool)
 
 
 def _with_header(details, header):
-    metadata = list(details.metadata or []) + [header]
-    return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
-
-
-class _Details:
-    """ClientCallDetails with extra metadata (the aio and sync details types are namedtuples or plain objects)."""
-
-    def __init__(self, details, metadata):
-        self.method = details.method
-        self.timeout = details.timeout
-        self.metadata = metadata
-        self.credentials = details.credentials
-        self.wait_for_ready = getattr(details, "wait_for_ready", None)
-        self.compression = getattr(details, "compression", None)
+    """The call's details with `header` added to its metadata (aio and sync details are both namedtuples)."""
+    return details._replace(metadata=[*(details.metadata or []), header])
 
 
 def _aio_interceptors(header) -> list:

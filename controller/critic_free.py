@@ -11,7 +11,7 @@ padded over response tokens, with a 0/1 `mask`.
 
 import torch
 
-from controller.ppo import masked_whiten
+from controller.ppo import compute_gae, masked_whiten
 
 
 def groups(scores: torch.Tensor, samples_per_prompt: int) -> torch.Tensor:
@@ -65,13 +65,9 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     normalised over every response token of the batch (global batch normalisation, no per-prompt baseline):
     A_t = (G_t - mean(G)) / std(G). Returns (B, T), 0 on padding.
     """
-    mask = mask.to(rewards.dtype)
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros_like(rewards[:, 0])
-    for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] * mask[:, t] + gamma * running
-        returns[:, t] = running
-    return masked_whiten(returns * mask, mask)
+    # GAE with every value 0 and lambda 1 is exactly the discounted return (padding skipped the same way)
+    returns, _ = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma, 1.0)
+    return masked_whiten(returns, mask)
 
 
 def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,25 +16,18 @@ critic_free.loss_aggregation averages the loss over tokens or over
 responses.
 """
 
-import time
 
-import torch
 
 from controller import critic_free, ppo
 from controller.loop import (
     POLICY_ADDITIVE,
-    POLICY_FIELDS,
     Experience,
     PPORunner,
-    StepResult,
-    _mean_stats,
-    collect,
     merge_shards,
     policy_request,
     shard,
 )
 from rlhf.v1 import policy_pb2
-from services.seeds import row_seed
 
 
 def critic_free_advantages(exp: Experience, algorithm: str, group: int, scale_rewards: bool, kl_coef: float,
@@ -65,68 +58,31 @@ def critic_free_advantages(exp: Experience, algorithm: str, group: int, scale_re
 class CriticFreeRunner(PPORunner):
     """GRPO / RLOO / REINFORCE++ iterations; `step()` is one iteration. Trains the policy only."""
 
+    with_values = False  # no value service is asked
+
     def _next_prompts(self) -> list[str]:
         """ppo.batch_size / G prompts, each repeated G times next to itself (its group)."""
         group = self.cfg.critic_free.samples_per_prompt
-        n = self.cfg.ppo.batch_size // group
-        order = torch.randperm(len(self.prompts), generator=self.generator)[:n].tolist()
-        picked = [self.prompts[i] for i in order]
-        while len(picked) < n:  # fewer prompts than a batch: cycle
-            picked += picked[: n - len(picked)]
-        return [prompt for prompt in picked for _ in range(group)]
+        return [prompt for prompt in self._pick_prompts(self.cfg.ppo.batch_size // group) for _ in range(group)]
 
-    async def _train_minibatch(self, exp: Experience, key, index: list[int]):
+    def advantages(self, exp: Experience) -> None:
+        """The estimator's advantages; the KL is paid in the loss (kl_in_loss) or taken out of the scores."""
+        cf = self.cfg.critic_free
+        reward_kl = 0.0 if cf.kl_in_loss else self.kl_ctl.value
+        critic_free_advantages(exp, self.cfg.algorithm, cf.samples_per_prompt, cf.scale_rewards, reward_kl,
+                               self.cfg.ppo.kl_estimator)
+        exp.stats["objective/kl_coef"] = self.kl_ctl.value
+
+    async def _train_minibatch(self, exp: Experience, key, index: list[int]) -> dict:
         """One optimizer step of the policy on minibatch rows `index`, sharded over its ranks."""
         cfg, c = self.cfg.ppo, self.clients
-        ranks = c.ranks("policy")
         cf = self.cfg.critic_free
         kl_coef = self.kl_ctl.value if cf.kl_in_loss else 0.0
         aggregation = (policy_pb2.LOSS_AGGREGATION_SEQUENCE if cf.loss_aggregation == "sequence"
                        else policy_pb2.LOSS_AGGREGATION_TOKEN)
+        ranks = c.ranks("policy")
         requests = [policy_request(exp, cfg, key, part, ptx, kl_coef, aggregation)
                     for part, ptx in zip(shard(index, ranks), self._ptx_shards(ranks))]
         replies = await c.each_rank("policy", lambda s: s.Train, requests)
         c.watch.trained("policy", replies)
-        return merge_shards(replies, POLICY_ADDITIVE)
-
-    async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
-        cfg = self.cfg.ppo
-        start = time.perf_counter()
-        n_minibatches = cfg.batch_size // cfg.minibatch_size
-        replies = []
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
-            for mb in range(n_minibatches):
-                index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
-                replies.append(await self._train_minibatch(exp, self.train_key(step, epoch * n_minibatches + mb),
-                                                           index))
-        timings["train"] = time.perf_counter() - start
-        self.policy_version = replies[-1].model_version
-        stats = _mean_stats(replies, POLICY_FIELDS)
-        stats["policy/first_minibatch_approx_kl"] = replies[0].approx_kl
-        return stats
-
-    async def step(self) -> StepResult:
-        """One critic-free iteration; returns its statistics."""
-        step = self.step_count
-        timings: dict[str, float] = {}
-        seed = row_seed(self.cfg.seed, step) or 1
-        self.phase = "generate"
-        exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed,
-                            lambda phase: setattr(self, "phase", phase), with_values=False,
-                            rewards=self.reward_sources())
-        cf = self.cfg.critic_free
-        reward_kl = 0.0 if cf.kl_in_loss else self.kl_ctl.value  # the KL is paid in the loss or in the scores
-        critic_free_advantages(exp, self.cfg.algorithm, cf.samples_per_prompt, cf.scale_rewards, reward_kl,
-                               self.cfg.ppo.kl_estimator)
-        exp.stats["objective/kl_coef"] = self.kl_ctl.value
-        self.phase = "train"
-        stats = exp.stats | await self._train(exp, step, timings)
-        self.phase = "idle"
-        self.kl_ctl.update(stats["objective/kl"], self.cfg.ppo.batch_size)
-        stats.update({f"time/{k}": v for k, v in timings.items()})
-        stats.update({"policy/version": self.policy_version, "step": step,
-                      "samples": (step + 1) * self.cfg.ppo.batch_size})
-        self.step_count += 1
-        self.last_stats = stats
-        return StepResult(step, stats, exp)
+        return {"policy": merge_shards(replies, POLICY_ADDITIVE)}

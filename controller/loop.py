@@ -271,7 +271,13 @@ class Runner:
 
 
 class PPORunner(Runner):
-    """Runs PPO iterations against the services; `step()` is one iteration."""
+    """Runs PPO iterations against the services; `step()` is one iteration.
+
+    Subclasses change what an iteration samples (`_next_prompts`), whether it asks the value service
+    (`with_values`), how scores become advantages (`advantages`) and which services train (`_train_minibatch`).
+    """
+
+    with_values = True  # rollouts ask the value service for V(s_t)
 
     def __init__(self, cfg: ControllerConfig, clients: ServiceClients, prompts: list[str], ptx_texts=None):
         super().__init__(cfg, clients)
@@ -294,12 +300,20 @@ class PPORunner(Runner):
         """(pool, weight, name) of each reward source of the run."""
         return tuple((pool, weight, name) for pool, _, weight, name in self.cfg.reward_sources())
 
-    def _next_prompts(self) -> list[str]:
-        order = torch.randperm(len(self.prompts), generator=self.generator)[: self.cfg.ppo.batch_size]
+    def _pick_prompts(self, n: int) -> list[str]:
+        """`n` prompts in the run's seeded order (cycled when there are fewer)."""
+        order = torch.randperm(len(self.prompts), generator=self.generator)[:n]
         picked = [self.prompts[i] for i in order.tolist()]
-        while len(picked) < self.cfg.ppo.batch_size:  # fewer prompts than a batch: cycle
-            picked += picked[: self.cfg.ppo.batch_size - len(picked)]
+        while len(picked) < n:  # fewer prompts than a batch: cycle
+            picked += picked[: n - len(picked)]
         return picked
+
+    def _next_prompts(self) -> list[str]:
+        return self._pick_prompts(self.cfg.ppo.batch_size)
+
+    def advantages(self, exp: Experience) -> None:
+        """Per-token KL penalty, GAE and whitening (fills exp.advantages, exp.returns and stats)."""
+        compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
 
     def _ptx_shards(self, ranks: int) -> list[policy_pb2.PtxBatch | None]:
         """One PPO-ptx batch per policy rank (None where a rank gets no pretraining rows)."""
@@ -311,8 +325,9 @@ class PPORunner(Runner):
                                        coef=self.cfg.ppo.ptx_coef) for part in parts]
         return batches + [None] * (ranks - len(batches))
 
-    async def _train_minibatch(self, exp: Experience, key: common_pb2.TrainKey, index: list[int]):
-        """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks."""
+    async def _train_minibatch(self, exp: Experience, key: common_pb2.TrainKey, index: list[int]) -> dict:
+        """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks;
+        role -> its merged reply."""
         cfg, c = self.cfg.ppo, self.clients
         p_ranks, v_ranks = c.ranks("policy"), c.ranks("value")
         p_requests = [policy_request(exp, cfg, key, part, ptx)
@@ -322,26 +337,28 @@ class PPORunner(Runner):
                                     c.each_rank("value", lambda s: s.Train, v_requests))
         c.watch.trained("policy", p)
         c.watch.trained("value", v)
-        return merge_shards(p, POLICY_ADDITIVE), merge_shards(v, VALUE_ADDITIVE)
+        return {"policy": merge_shards(p, POLICY_ADDITIVE), "value": merge_shards(v, VALUE_ADDITIVE)}
 
     async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
         cfg = self.cfg.ppo
         start = time.perf_counter()
         n_minibatches = cfg.batch_size // cfg.minibatch_size
-        policy_replies, value_replies = [], []
+        replies: dict[str, list] = {}
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
             for mb in range(n_minibatches):
                 index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
                 key = self.train_key(step, epoch * n_minibatches + mb)
-                p, v = await self._train_minibatch(exp, key, index)
-                policy_replies.append(p)
-                value_replies.append(v)
+                for role, reply in (await self._train_minibatch(exp, key, index)).items():
+                    replies.setdefault(role, []).append(reply)
         timings["train"] = time.perf_counter() - start
-        self.policy_version = policy_replies[-1].model_version
-        stats = _mean_stats(policy_replies, POLICY_FIELDS) | _mean_stats(value_replies, VALUE_FIELDS)
-        stats["policy/first_minibatch_approx_kl"] = policy_replies[0].approx_kl
-        stats["policy/first_minibatch_clipfrac"] = policy_replies[0].clip_fraction
+        policy = replies["policy"]
+        self.policy_version = policy[-1].model_version
+        stats = _mean_stats(policy, POLICY_FIELDS)
+        if "value" in replies:
+            stats |= _mean_stats(replies["value"], VALUE_FIELDS)
+        stats["policy/first_minibatch_approx_kl"] = policy[0].approx_kl
+        stats["policy/first_minibatch_clipfrac"] = policy[0].clip_fraction
         return stats
 
     async def step(self) -> StepResult:
@@ -351,8 +368,9 @@ class PPORunner(Runner):
         seed = row_seed(self.cfg.seed, step) or 1  # sampling seed of this iteration (0 would mean unseeded)
         self.phase = "generate"
         exp = await collect(self.clients, self._next_prompts(), self.cfg.ppo, timings, seed,
-                            lambda phase: setattr(self, "phase", phase), rewards=self.reward_sources())
-        compute_advantages(exp, self.cfg.ppo, self.kl_ctl.value, self.moments)
+                            lambda phase: setattr(self, "phase", phase), with_values=self.with_values,
+                            rewards=self.reward_sources())
+        self.advantages(exp)
         self.phase = "train"
         stats = exp.stats | await self._train(exp, step, timings)
         self.phase = "idle"

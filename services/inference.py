@@ -5,6 +5,8 @@ Generate, LogProbs and Train all turn logits into log-probs with
 PPO ratio on freshly sampled data is 1 up to floating-point noise.
 """
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -31,6 +33,15 @@ def _temperature(t: float) -> float:
     return t if t > 0 else 1.0
 
 
+@functools.cache
+def _projects_positions(model_type: type) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do): positions to project."""
+    try:
+        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each response token.
 
@@ -38,9 +49,12 @@ def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.
     """
     input_ids, attention_mask, index, mask = seqs.padded(pad_id)
     input_ids, attention_mask, index = input_ids.to(device), attention_mask.to(device), index.to(device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
-    vocab = logits.shape[-1]
-    picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, vocab))  # (B, R, V)
+    if _projects_positions(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+        # The LM head runs on the response positions only, not on the prompt's and the padding's.
+        picked = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=index).logits  # (B, R, V)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, R, V)
     labels = input_ids.gather(1, (index + 1).clamp(max=input_ids.shape[1] - 1)) * mask.to(device).long()  # (B, R)
     return picked, labels, mask.to(device)
 

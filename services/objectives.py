@@ -137,7 +137,9 @@ def logprobs_from_logits(
     # distribution the tokens were actually drawn from, so ratios and KL are right.
     # float32: bf16 log-probs are too coarse once exp() turns them into ratios.
     # Gather the logit and subtract logsumexp: no (B, T, V) log-softmax is kept.
-    logits = _at_least_float32(logits) / temperature
+    logits = _at_least_float32(logits)
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T)
     return picked - torch.logsumexp(logits, dim=-1)
 

@@ -161,8 +161,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             responses = [r[0] for r in results]
             texts = await self.off_loop(functools.partial(m.tokenizer.batch_decode, skip_special_tokens=True), responses)
             return policy_pb2.GenerateResponse(
-                prompt_tokens=codec.ragged_to_pb(prompts, torch.int32),
-                response_tokens=codec.ragged_to_pb(responses, torch.int32),
+                prompt_tokens=codec.token_rows_to_pb(prompts),
+                response_tokens=codec.token_rows_to_pb(responses),
                 response_logprobs=codec.ragged_to_pb([r[1] for r in results], torch.float32),
                 response_texts=texts,
                 policy_version=min(r[3] for r in results),
@@ -185,7 +185,9 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         def loss_for(idx):
             def fn(engine):
                 logits, labels, mask = response_logits(engine, batch.seqs.select(idx), m.pad_id, m.device)
-                logits = logits.float() / batch.temperature  # (b, R, V)
+                logits = logits.float()  # (b, R, V)
+                if batch.temperature != 1.0:
+                    logits = logits / batch.temperature
                 old, _ = codec.pad_rows([batch.old_logprobs[i] for i in idx])
                 adv, _ = codec.pad_rows([batch.advantages[i] for i in idx])
                 if batch.by_sequence:  # each token weighs 1 / its response's length: sums become sequence means
@@ -193,7 +195,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
                 logprobs = objectives.logprobs_from_logits(logits, labels)  # (b, R)
                 out = objectives.policy_loss(logprobs, old.to(m.device), adv.to(m.device), mask, batch.clip_range,
                                              normalizer)
-                entropy = (objectives.entropy_from_logits(logits) * mask).sum() / normalizer
+                with torch.set_grad_enabled(bool(batch.entropy_coef)):  # without a bonus, entropy is a statistic
+                    entropy = (objectives.entropy_from_logits(logits) * mask).sum() / normalizer
                 loss = out.loss - batch.entropy_coef * entropy
                 parts = [("policy_loss", out.loss), ("clip_fraction", out.clipfrac), ("approx_kl", out.approx_kl),
                          ("entropy", entropy)]

@@ -28,17 +28,23 @@ def check_token_rows(rows: list[torch.Tensor], field: str, limits: ModelLimits) 
     """Validate token-id rows (range, length, batch size, token budget); return them as int64."""
     if len(rows) > limits.max_batch:
         raise InvalidArgument(f"{field}.lengths", f"{len(rows)} rows exceed the limit of {limits.max_batch}")
-    if rows:
-        check_budget(len(rows), max(int(r.numel()) for r in rows), f"{field}.lengths", limits.max_tokens)
-    for i, row in enumerate(rows):
-        if row.numel() == 0:
+    if not rows:
+        return []
+    lengths = [int(r.numel()) for r in rows]
+    check_budget(len(rows), max(lengths), f"{field}.lengths", limits.max_tokens)
+    for i, n in enumerate(lengths):
+        if n == 0:
             raise InvalidArgument(f"{field}.lengths[{i}]", "empty sequence")
-        if row.numel() > limits.max_length:
-            raise InvalidArgument(f"{field}.lengths[{i}]", f"{row.numel()} tokens exceed the model's limit of {limits.max_length}")
-        low, high = int(row.min()), int(row.max())
-        if low < 0 or high >= limits.vocab_size:
-            bad = low if low < 0 else high
-            raise InvalidArgument(f"{field}.values", f"token id {bad} in row {i} is outside the vocabulary [0, {limits.vocab_size})")
+        if n > limits.max_length:
+            raise InvalidArgument(f"{field}.lengths[{i}]", f"{n} tokens exceed the model's limit of {limits.max_length}")
+    values = torch.cat(rows)  # one range check for the batch; the row is looked up only to name it
+    if int(values.min()) < 0 or int(values.max()) >= limits.vocab_size:
+        for i, row in enumerate(rows):
+            low, high = int(row.min()), int(row.max())
+            if low < 0 or high >= limits.vocab_size:
+                bad = low if low < 0 else high
+                raise InvalidArgument(f"{field}.values",
+                                      f"token id {bad} in row {i} is outside the vocabulary [0, {limits.vocab_size})")
     return [r.long() for r in rows]
 
 
@@ -70,10 +76,8 @@ class Sequences:
         return cls(rows, prompts)
 
     def to_pb(self) -> tensor_pb2.SequenceBatch:
-        """Encode as int32 ragged tokens plus prompt lengths."""
-        return tensor_pb2.SequenceBatch(
-            tokens=codec.ragged_to_pb(self.rows, torch.int32), prompt_lengths=self.prompt_lengths
-        )
+        """Encode as ragged tokens (uint16 or int32, codec.token_rows_to_pb) plus prompt lengths."""
+        return tensor_pb2.SequenceBatch(tokens=codec.token_rows_to_pb(self.rows), prompt_lengths=self.prompt_lengths)
 
     def __len__(self) -> int:
         return len(self.rows)

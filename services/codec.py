@@ -18,9 +18,10 @@ _TORCH_DTYPE = {
     tensor_pb2.DTYPE_FLOAT32: torch.float32,
     tensor_pb2.DTYPE_FLOAT16: torch.float16,
     tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16,
+    tensor_pb2.DTYPE_UINT16: torch.uint16,
 }
 _PB_DTYPE = {v: k for k, v in _TORCH_DTYPE.items()}
-INT_DTYPES = (torch.int32, torch.int64)
+INT_DTYPES = (torch.uint16, torch.int32, torch.int64)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if sys.byteorder != "little":  # the wire format is little-endian only
@@ -54,8 +55,17 @@ def tensor_from_pb(pb: tensor_pb2.Tensor, field: str, allowed=None, ndim: int | 
     if count * itemsize != len(pb.raw):
         raise InvalidArgument(f"{field}.raw", f"{len(pb.raw)} bytes do not hold shape {shape} of {itemsize}-byte items")
     if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(pb.raw), dtype=dtype).reshape(shape)
+        return torch.empty(shape, dtype=torch.int32 if dtype == torch.uint16 else dtype)
+    t = torch.frombuffer(bytearray(pb.raw), dtype=dtype).reshape(shape)
+    return t.to(torch.int32) if dtype == torch.uint16 else t  # torch computes little on uint16
+
+
+def token_rows_to_pb(rows: list[torch.Tensor]) -> tensor_pb2.RaggedTensor:
+    """Token-id rows in the narrowest dtype that holds them: uint16 for ids below 65536, else int32."""
+    values = torch.cat([r.reshape(-1) for r in rows]) if rows else torch.empty(0, dtype=torch.int32)
+    narrow = values.numel() == 0 or (int(values.min()) >= 0 and int(values.max()) <= 0xFFFF)
+    return tensor_pb2.RaggedTensor(values=tensor_to_pb(values.to(torch.uint16 if narrow else torch.int32)),
+                                   lengths=[int(r.numel()) for r in rows])
 
 
 def ragged_to_pb(rows: list[torch.Tensor], dtype: torch.dtype | None = None) -> tensor_pb2.RaggedTensor:

@@ -41,7 +41,7 @@ EXTREME_FLOATS = (math.nan, math.inf, -math.inf, 1e38, -1e38, FLOAT32_MAX, -FLOA
                   1e-2, 100.0, 1e3, 0.5, 0.49999997, 1e6, -1e6)
 DTYPES = tuple(tensor_pb2.DType.values())
 TENSOR = tensor_pb2.Tensor.DESCRIPTOR.full_name
-INT_DTYPES = (tensor_pb2.DTYPE_INT32, tensor_pb2.DTYPE_INT64)
+INT_DTYPES = (tensor_pb2.DTYPE_UINT16, tensor_pb2.DTYPE_INT32, tensor_pb2.DTYPE_INT64)
 FLOAT_DTYPES = (tensor_pb2.DTYPE_FLOAT32, tensor_pb2.DTYPE_FLOAT16, tensor_pb2.DTYPE_BFLOAT16)
 # NUL, controls, NEL, zero-width, LRM/RLM, bidi embeddings and isolates, BOM, replacement, non-characters,
 # the last code point, an emoji, combining marks, whitespace.
@@ -215,6 +215,8 @@ def encode(values, dtype: int) -> bytes:
             return (values.astype(np.int64) & 0xFFFFFFFF).astype("<u4").view("<i4").tobytes()
         if dtype == tensor_pb2.DTYPE_INT64:
             return values.astype("<i8").tobytes()
+        if dtype == tensor_pb2.DTYPE_UINT16:
+            return (values.astype(np.int64) & 0xFFFF).astype("<u2").tobytes()
         if dtype == tensor_pb2.DTYPE_FLOAT16:
             return values.astype("<f2").tobytes()
         if dtype == tensor_pb2.DTYPE_BFLOAT16:

@@ -28,6 +28,17 @@ def test_ragged_round_trip_keeps_rows_and_empty_rows():
     assert [r.tolist() for r in codec.ragged_from_pb(pb, "x")] == [[1.0, 2.0], [], [3.0]]
 
 
+def test_token_rows_travel_as_uint16_below_65536_and_int32_above():
+    small = [torch.tensor([0, 65535, 7]), torch.tensor([], dtype=torch.long), torch.tensor([300])]
+    pb = codec.token_rows_to_pb(small)
+    assert pb.values.dtype == tensor_pb2.DTYPE_UINT16 and len(pb.values.raw) == 2 * 4
+    back = codec.ragged_from_pb(pb, "tokens", allowed=codec.INT_DTYPES)
+    assert [r.tolist() for r in back] == [[0, 65535, 7], [], [300]] and back[0].dtype == torch.int32
+    large = codec.token_rows_to_pb([torch.tensor([1, 65536])])
+    assert large.values.dtype == tensor_pb2.DTYPE_INT32
+    assert codec.ragged_from_pb(large, "tokens")[0].tolist() == [1, 65536]
+
+
 def test_decoder_names_the_field_of_each_problem():
     good = codec.ragged_to_pb([torch.tensor([1, 2], dtype=torch.int32)])
     cases = []

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/tensor.proto\x12\x07rlhf.v1\"C\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"@\n\x0cRaggedTensor\x12\x1f\n\x06values\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"N\n\rSequenceBatch\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x03\"\x1a\n\tTextBatch\x12\r\n\x05texts\x18\x01 \x03(\t*z\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/tensor.proto\x12\x07rlhf.v1\"C\n\x06Tensor\x12\x1d\n\x05\x64type\x18\x01 \x01(\x0e\x32\x0e.rlhf.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"@\n\x0cRaggedTensor\x12\x1f\n\x06values\x18\x01 \x01(\x0b\x32\x0f.rlhf.v1.Tensor\x12\x0f\n\x07lengths\x18\x02 \x03(\x03\"N\n\rSequenceBatch\x12%\n\x06tokens\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x16\n\x0eprompt_lengths\x18\x02 \x03(\x03\"\x1a\n\tTextBatch\x12\r\n\x05texts\x18\x01 \x03(\t*\x8c\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x12\x10\n\x0c\x44TYPE_UINT16\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=276
-  _globals['_DTYPE']._serialized_end=398
+  _globals['_DTYPE']._serialized_start=277
+  _globals['_DTYPE']._serialized_end=417
   _globals['_TENSOR']._serialized_start=33
   _globals['_TENSOR']._serialized_end=100
   _globals['_RAGGEDTENSOR']._serialized_start=102

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import grpc
 
 from services.config import AuthConfig
+from services.handlers import HandlerCache, rebuild
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, grants: list[Grant]):
         self.grants = grants
+        self._refusals = HandlerCache(refusal)  # per (method handler, code, details): methods x grants x 2
 
     def find(self, token: str) -> Grant | None:
         """The grant whose digest matches; every digest is compared, in constant time each."""
@@ -113,12 +115,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         grant = self.find(token) if token is not None else None
         if grant is None:
             why = "missing `authorization: Bearer <token>` metadata" if token is None else "unknown token"
-            return refusal(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
+            return self._refusals.get(handler, grpc.StatusCode.UNAUTHENTICATED, f"{method}: {why}")
         if scope not in grant.scopes:
             log.warning("token %r (scopes %s) called %s, which needs %r", grant.name, sorted(grant.scopes), method,
                         scope)
-            return refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
-                           f"{method} needs the {scope!r} scope; this token has {', '.join(sorted(grant.scopes))}")
+            return self._refusals.get(handler, grpc.StatusCode.PERMISSION_DENIED,
+                                      f"{method} needs the {scope!r} scope; this token has {', '.join(sorted(grant.scopes))}")
         return handler
 
 
@@ -132,11 +134,4 @@ def refusal(handler, code: grpc.StatusCode, details: str):
         await context.abort(code, details)
         yield  # pragma: no cover - makes this an async generator
 
-    serializer = handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming, None, serializer)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, None, serializer)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming, None, serializer)
-    return grpc.unary_unary_rpc_method_handler(unary, None, serializer)
+    return rebuild(handler, streaming if handler.response_streaming else unary, request_deserializer=None)

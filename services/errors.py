@@ -4,6 +4,8 @@ import logging
 
 import grpc
 
+from services.handlers import HandlerCache, behaviour, kind, rebuild
+
 log = logging.getLogger(__name__)
 
 
@@ -73,8 +75,8 @@ _STATUS = (
 
 def status_for(error: Exception) -> grpc.StatusCode:
     """The gRPC status code a domain error maps to (INTERNAL for anything else)."""
-    for kind, code in _STATUS:
-        if isinstance(error, kind):
+    for error_type, code in _STATUS:
+        if isinstance(error, error_type):
             return code
     return grpc.StatusCode.INTERNAL
 
@@ -87,35 +89,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     string) end in INVALID_ARGUMENT instead of UNKNOWN or INTERNAL.
     """
 
+    def __init__(self):
+        self._wrapped = HandlerCache(_mapping_errors)
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        parse = handler.request_deserializer or (lambda raw: raw)
-        serializers = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
 
-            async def unary(raw, context):
-                try:
-                    return await inner(_parse(parse, raw), context)
-                except Exception as error:  # noqa: BLE001 - every error becomes a status
-                    await _abort(context, method, error)
 
-            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
-
-            async def streaming(raw_iterator, context):
-                try:
-                    async for reply in inner_stream(_parsed(parse, raw_iterator), context):
-                        yield reply
-                except Exception as error:  # noqa: BLE001 - every error becomes a status
-                    await _abort(context, method, error)
-
-            return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+def _mapping_errors(handler, method: str):
+    """`handler` parsing its own request bytes and answering every exception with its status (the unary and
+    the bidirectional-streaming methods, which are all the services have; others pass unchanged)."""
+    request_streaming, response_streaming = kind(handler)
+    if request_streaming != response_streaming:
         return handler
+    parse = handler.request_deserializer or (lambda raw: raw)
+    inner = behaviour(handler)
+
+    def parsed(raw):
+        return _parsed(parse, raw) if request_streaming else _parse(parse, raw)
+
+    async def unary(raw, context):
+        try:
+            return await inner(parsed(raw), context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, method, error)
+
+    async def streaming(raw, context):
+        try:
+            async for reply in inner(parsed(raw), context):
+                yield reply
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            await _abort(context, method, error)
+
+    return rebuild(handler, streaming if response_streaming else unary, request_deserializer=None)
 
 
 def _parse(parse, raw):

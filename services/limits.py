@@ -9,6 +9,7 @@ the controller retries with backoff.
 import grpc
 
 from services.auth import refusal, required_scope
+from services.handlers import HandlerCache, behaviour, kind, rebuild
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
@@ -18,6 +19,10 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
         self.limit = limit
         self.active = 0
         self.refused = 0
+        self._counted = HandlerCache(self._counting)
+        self._refusals = HandlerCache(lambda handler: refusal(
+            handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the server's limit of {limit} calls in progress is reached (server.max_concurrent_rpcs)"))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -25,36 +30,29 @@ class ConcurrencyLimit(grpc.aio.ServerInterceptor):
             return handler
         if self.active >= self.limit:
             self.refused += 1
-            return refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"{self.active} calls in progress; the server's limit is {self.limit} "
-                           "(server.max_concurrent_rpcs)")
-        return self._counted(handler)
+            return self._refusals.get(handler)
+        return self._counted.get(handler)
 
-    def _counted(self, handler):
-        limiter = self
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+    def _counting(self, handler):
+        """`handler` counted in `active` while it runs (unary and bidirectional-streaming methods)."""
+        limiter, inner = self, behaviour(handler)
+        request_streaming, response_streaming = kind(handler)
+        if request_streaming != response_streaming:
+            return handler
 
-            async def unary(request, context):
-                limiter.active += 1
-                try:
-                    return await inner(request, context)
-                finally:
-                    limiter.active -= 1
+        async def unary(request, context):
+            limiter.active += 1
+            try:
+                return await inner(request, context)
+            finally:
+                limiter.active -= 1
 
-            return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
-        if handler.stream_stream is not None:
-            inner_stream = handler.stream_stream
+        async def streaming(request_iterator, context):
+            limiter.active += 1
+            try:
+                async for reply in inner(request_iterator, context):
+                    yield reply
+            finally:
+                limiter.active -= 1
 
-            async def streaming(request_iterator, context):
-                limiter.active += 1
-                try:
-                    async for reply in inner_stream(request_iterator, context):
-                        yield reply
-                finally:
-                    limiter.active -= 1
-
-            return grpc.stream_stream_rpc_method_handler(streaming, **kwargs)
-        return handler
+        return rebuild(handler, streaming if response_streaming else unary)

@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 
 from services.batcher import Batcher
 from services.config import DEFAULT_METRICS_PORTS
+from services.handlers import HandlerCache, behaviour, kind, rebuild
 from services.metrics_http import BoundedHTTPServer
 
 log = logging.getLogger(__name__)
@@ -134,29 +135,18 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: GrpcServerMetrics):
         self._metrics = metrics
-        self._methods: dict[str, _Method] = {}
+        self._wrapped = HandlerCache(self._wrap)
 
-    def _bind(self, method: str, handler) -> _Method:
+    def _wrap(self, handler, method: str):
         service, _, name = method.lstrip("/").rpartition("/")
-        kind = GRPC_TYPES[(bool(handler.request_streaming), bool(handler.response_streaming))]
-        bound = self._methods[method] = _Method(self._metrics, (kind, service, name))
-        return bound
+        m = _Method(self._metrics, (GRPC_TYPES[kind(handler)], service, name))
+        request_streaming, response_streaming = kind(handler)
+        wrap = _streaming if response_streaming else _unary
+        return rebuild(handler, wrap(m, behaviour(handler), request_streaming))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        m = self._methods.get(method) or self._bind(method, handler)
-        serializers = dict(request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(_unary(m, handler.unary_unary, False), **serializers)
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(_unary(m, handler.stream_unary, True), **serializers)
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(_streaming(m, handler.unary_stream, False), **serializers)
-        return grpc.stream_stream_rpc_method_handler(_streaming(m, handler.stream_stream, True), **serializers)
+        return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
 
 
 def _begin(m: _Method, request, request_streaming: bool):

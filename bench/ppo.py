@@ -95,10 +95,13 @@ class WireTally:
 
     def __init__(self):
         self.grpc = self.json = self.calls = 0
+        self.by_rpc: dict[str, int] = {}  # "Service.Method" -> gRPC bytes
 
-    def add(self, request, reply) -> None:
+    def add(self, rpc: str, request, reply) -> None:
         self.calls += 1
-        self.grpc += request.ByteSize() + reply.ByteSize() + 2 * FRAME
+        size = request.ByteSize() + reply.ByteSize() + 2 * FRAME
+        self.grpc += size
+        self.by_rpc[rpc] = self.by_rpc.get(rpc, 0) + size
         self.json += len(json.dumps(as_json(request))) + len(json.dumps(as_json(reply)))
 
 
@@ -107,13 +110,14 @@ class CountingStub:
 
     def __init__(self, stub, tally: WireTally):
         self._stub, self._tally = stub, tally
+        self._service = type(stub).__name__.removesuffix("Stub")
 
     def __getattr__(self, name: str):
         method = getattr(self._stub, name)
 
         async def call(request, **kwargs):
             reply = await method(request, **kwargs)
-            self._tally.add(request, reply)
+            self._tally.add(f"{self._service}.{name}", request, reply)
             return reply
 
         return call
@@ -157,7 +161,8 @@ class MeshSide:
         return {"response_tokens": tokens, "calls": self.tally.calls,
                 "grpc_bytes_per_token": self.tally.grpc / tokens, "floor_bytes_per_token": FLOOR_BYTES,
                 "json_bytes_per_token": self.tally.json / tokens,
-                "grpc_over_floor": self.tally.grpc / tokens / FLOOR_BYTES}
+                "grpc_over_floor": self.tally.grpc / tokens / FLOOR_BYTES,
+                "grpc_bytes_per_token_by_rpc": {rpc: size / tokens for rpc, size in sorted(self.tally.by_rpc.items())}}
 
     def iteration(self) -> dict:
         cpu = cpu_seconds(self.pids)
@@ -280,5 +285,6 @@ def bench_ppo(iterations: int, mesh_only: bool, as_json: bool) -> dict:
             print(f"ratio mesh / TRL: {result['ratio']:.3f} (target <= 0.8)")
         print(f"wire, per response token of one iteration ({wire['calls']} RPCs): gRPC "
               f"{wire['grpc_bytes_per_token']:.0f} B, floor {wire['floor_bytes_per_token']} B "
-              f"({wire['grpc_over_floor']:.2f}x, target <= 1.2x), JSON {wire['json_bytes_per_token']:.0f} B")
+              f"({wire['grpc_over_floor']:.2f}x, target <= 1.2x), JSON {wire['json_bytes_per_token']:.0f} B\n"
+              "  by RPC: " + ", ".join(f"{rpc} {size:.1f} B" for rpc, size in wire["grpc_bytes_per_token_by_rpc"].items()))
     return result

@@ -46,6 +46,9 @@ class PPOConfig(Strict):
     minibatch_size: int = Field(16, ge=1, description="Sequences per Train request (one optimizer step)")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each batch")
     micro_batch_size: int = Field(0, ge=0, description="Sequences per forward/backward in the services; 0 = their default")
+    reuse_rows: bool = Field(
+        True, description="Ask policy and value to keep a step's rows after the first minibatch that sends them, so "
+        "that later PPO epochs send row ids instead of the rows (RowRefs; resent in full if a trainer restarted)")
     max_new_tokens: int = Field(32, ge=1, description="Most response tokens")
     temperature: float = Field(1.0, ge=0.01, le=100, description="Sampling temperature (log-probs use the same)")
     top_k: int = Field(0, ge=0, description="Top-k sampling; 0 disables")

@@ -25,7 +25,6 @@ from controller.loop import (
     PPORunner,
     merge_shards,
     policy_request,
-    shard,
 )
 from rlhf.v1 import policy_pb2
 
@@ -80,9 +79,8 @@ class CriticFreeRunner(PPORunner):
         kl_coef = self.kl_ctl.value if cf.kl_in_loss else 0.0
         aggregation = (policy_pb2.LOSS_AGGREGATION_SEQUENCE if cf.loss_aggregation == "sequence"
                        else policy_pb2.LOSS_AGGREGATION_TOKEN)
-        ranks = c.ranks("policy")
-        requests = [policy_request(exp, cfg, key, part, ptx, kl_coef, aggregation)
-                    for part, ptx in zip(shard(index, ranks), self._ptx_shards(ranks))]
-        replies = await c.each_rank("policy", lambda s: s.Train, requests)
-        c.watch.trained("policy", replies)
+        ptx = self._ptx_shards(c.ranks("policy"))
+        replies = await self.train_ranks(
+            "policy", index, lambda rank, plan: policy_request(exp, cfg, key, plan, ptx[rank], kl_coef,
+                                                                         aggregation))
         return {"policy": merge_shards(replies, POLICY_ADDITIVE)}

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import grpc
 import torch
 
 from controller import ppo
@@ -19,6 +20,7 @@ from controller.clients import ServiceClients
 from controller.config import ControllerConfig, PPOConfig
 from controller.durability import decode_generator, encode_generator
 from controller.replicas import split_rows
+from controller.rows import MISSED, KeptRows, Plan
 from rlhf.v1 import common_pb2, policy_pb2, reward_pb2, tensor_pb2, value_pb2
 from services import codec
 from services.batch import Sequences
@@ -162,33 +164,36 @@ def _rows(padded: torch.Tensor, mask: torch.Tensor, index: list[int]) -> tensor_
     return codec.ragged_to_pb(rows, torch.float32)
 
 
-def policy_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int], ptx=None,
+def _refs(plan: Plan) -> common_pb2.RowRefs:
+    return common_pb2.RowRefs(keep=plan.send if plan.keep else [], cached=plan.cached)
+
+
+def policy_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, plan: Plan, ptx=None,
                    kl_coef: float = 0.0, aggregation: int = policy_pb2.LOSS_AGGREGATION_TOKEN):
-    """The Policy.Train request of minibatch rows `index` (one rank's shard, or the whole minibatch).
+    """The Policy.Train request of one rank's part of a minibatch: the rows plan.send, and the kept rows
+    plan.cached by id (controller/rows.py).
 
     kl_coef > 0 puts KL(pi || pi_ref) into the loss (the reference log-probs go along); aggregation: token or
     sequence mean (critic-free runs)."""
+    index = plan.send
     ppo_objective = policy_pb2.PPOObjective(
         sequences=exp.seqs.select(index).to_pb(), old_logprobs=_rows(exp.logprobs, exp.mask, index),
         advantages=_rows(exp.advantages, exp.mask, index), clip_range=cfg.clip_range,
         entropy_coef=cfg.entropy_coef, temperature=cfg.temperature, kl_coef=kl_coef, aggregation=aggregation,
         ref_logprobs=_rows(exp.ref_logprobs, exp.mask, index) if kl_coef else None,
     )
-    return policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size)
+    return policy_pb2.PolicyTrainRequest(key=key, ppo=ppo_objective, ptx=ptx, micro_batch_size=cfg.micro_batch_size,
+                                         rows=_refs(plan))
 
 
-def value_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, index: list[int]):
-    """The Value.Train request of minibatch rows `index`."""
+def value_request(exp: Experience, cfg: PPOConfig, key: common_pb2.TrainKey, plan: Plan):
+    """The Value.Train request of one rank's part of a minibatch (see policy_request)."""
+    index = plan.send
     return value_pb2.ValueTrainRequest(
         key=key, sequences=exp.seqs.select(index).to_pb(), old_values=_rows(exp.values, exp.mask, index),
         returns=_rows(exp.returns, exp.mask, index), clip_range_value=cfg.clip_range_value,
-        micro_batch_size=cfg.micro_batch_size,
+        micro_batch_size=cfg.micro_batch_size, rows=_refs(plan),
     )
-
-
-def shard(index: list[int], ranks: int) -> list[list[int]]:
-    """Minibatch rows `index` cut into one contiguous shard per data-parallel rank."""
-    return [[index[i] for i in part] for part in split_rows(len(index), ranks)]
 
 
 # Fields each rank reports as its share of the minibatch's value (normalised by the whole minibatch).
@@ -216,6 +221,10 @@ POLICY_FIELDS = {"policy/loss": "policy_loss", "policy/clipfrac": "clip_fraction
                  "policy/kl_loss": "kl_loss"}
 VALUE_FIELDS = {"value/loss": "loss", "value/clipfrac": "clip_fraction", "value/grad_norm": "grad_norm",
                 "value/explained_variance": "explained_variance"}
+
+
+def _train(stub):
+    return stub.Train
 
 
 @dataclass
@@ -248,6 +257,7 @@ class Runner:
         self.policy_version = 0
         self.last_stats: dict = {}
         self.phase = "idle"
+        self.rows = KeptRows(cfg.ppo.reuse_rows)  # rows of the current step each trainer rank keeps
 
     def train_key(self, step: int, minibatch_index: int) -> common_pb2.TrainKey:
         """The idempotency key of one Train request of this run, with the run's lease secret."""
@@ -325,18 +335,33 @@ class PPORunner(Runner):
                                        coef=self.cfg.ppo.ptx_coef) for part in parts]
         return batches + [None] * (ranks - len(batches))
 
+    async def train_ranks(self, role: str, index: list[int], request_for) -> list:
+        """Train each rank of `role` on its shard of minibatch rows `index`; request_for(rank, plan) makes its
+        request. Rows a rank kept earlier in the step go by id; a rank that no longer holds them gets the
+        minibatch again in full (controller/rows.py). Returns the ranks' replies."""
+        parts = self.rows.shards(role, index, self.clients.ranks(role))
+        plans = [self.rows.plan(role, rank, part) for rank, part in enumerate(parts)]
+        try:
+            replies = await self.clients.each_rank(role, _train, [request_for(r, p) for r, p in enumerate(plans)])
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in MISSED or not any(p.cached for p in plans):
+                raise
+            self.rows.missed(role, error)
+            plans = [Plan(part, [], False) for part in parts]
+            replies = await self.clients.each_rank(role, _train, [request_for(r, p) for r, p in enumerate(plans)])
+        for rank, plan in enumerate(plans):
+            self.rows.sent(role, rank, plan)
+        self.clients.watch.trained(role, replies)
+        return replies
+
     async def _train_minibatch(self, exp: Experience, key: common_pb2.TrainKey, index: list[int]) -> dict:
         """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks;
         role -> its merged reply."""
-        cfg, c = self.cfg.ppo, self.clients
-        p_ranks, v_ranks = c.ranks("policy"), c.ranks("value")
-        p_requests = [policy_request(exp, cfg, key, part, ptx)
-                      for part, ptx in zip(shard(index, p_ranks), self._ptx_shards(p_ranks))]
-        v_requests = [value_request(exp, cfg, key, part) for part in shard(index, v_ranks)]
-        p, v = await asyncio.gather(c.each_rank("policy", lambda s: s.Train, p_requests),
-                                    c.each_rank("value", lambda s: s.Train, v_requests))
-        c.watch.trained("policy", p)
-        c.watch.trained("value", v)
+        cfg = self.cfg.ppo
+        ptx = self._ptx_shards(self.clients.ranks("policy"))
+        p, v = await asyncio.gather(
+            self.train_ranks("policy", index, lambda rank, plan: policy_request(exp, cfg, key, plan, ptx[rank])),
+            self.train_ranks("value", index, lambda rank, plan: value_request(exp, cfg, key, plan)))
         return {"policy": merge_shards(p, POLICY_ADDITIVE), "value": merge_shards(v, VALUE_ADDITIVE)}
 
     async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
@@ -344,6 +369,7 @@ class PPORunner(Runner):
         start = time.perf_counter()
         n_minibatches = cfg.batch_size // cfg.minibatch_size
         replies: dict[str, list] = {}
+        self.rows.begin(step)
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
             for mb in range(n_minibatches):

@@ -218,6 +218,7 @@ async def load_training_state(servicer, request) -> common_pb2.LoadCheckpointRes
         raise NotFound(f"no training state {request.path!r} of run {run_id!r} ({source})")
     extra = await servicer.on_model_thread(read_state, servicer, source)
     servicer.applied.restore(extra["applied"], servicer.train_response)
+    servicer.row_cache.clear()  # rows kept for the rolled-back steps may be sent again with other contents
     return common_pb2.LoadCheckpointResponse(path=str(source), model_version=servicer.trainer.version,
                                              instance_id=servicer.instance_id)
 

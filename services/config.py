@@ -73,6 +73,9 @@ class TrainingConfig(Strict):
     lease_seconds: float = Field(
         600.0, gt=0, description="How long a run's lease on this trainer lasts after its last Train, "
         "SaveCheckpoint or LoadCheckpoint; meanwhile other runs' Train keys are refused")
+    row_cache_tokens: int = Field(
+        4_194_304, ge=0, description="Tokens of the current PPO step's rows kept between its minibatches (RowRefs), "
+        "so that later epochs name rows by id instead of sending them again; 0 keeps none")
     idempotency_cache: int = Field(
         4096, ge=1, description="Applied Train results kept for replay; an older key of the same run is refused, "
         "never applied again")

@@ -1,5 +1,6 @@
 """PolicyService: generation, log-probs and PPO optimizer steps on one copy of the weights."""
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -43,21 +44,42 @@ class PPOBatch:
     by_sequence: bool = False  # LOSS_AGGREGATION_SEQUENCE: each response's token mean, then the mean over responses
 
 
-def ppo_from_pb(pb: policy_pb2.PPOObjective, limits, bound: float) -> PPOBatch:
-    """Decode and validate a PPO minibatch; `bound` is training.max_abs_input."""
-    seqs = Sequences.from_pb(pb.sequences, "ppo.sequences", limits)
-    lengths = seqs.response_lengths
-    old = codec.float_rows_from_pb(pb.old_logprobs, "ppo.old_logprobs", lengths, bound=bound)
-    adv = codec.float_rows_from_pb(pb.advantages, "ppo.advantages", lengths, bound=bound)
+def ppo_from_pb(pb: policy_pb2.PPOObjective, limits, bound: float, cached_rows: bool = False) -> PPOBatch:
+    """Decode and validate a PPO minibatch; `bound` is training.max_abs_input. With cached_rows (the request
+    names kept rows) it may carry no rows of its own."""
+    if cached_rows and not pb.sequences.tokens.lengths:
+        seqs, old, adv, ref = Sequences([], []), [], [], [] if pb.kl_coef else None
+    else:
+        seqs = Sequences.from_pb(pb.sequences, "ppo.sequences", limits)
+        lengths = seqs.response_lengths
+        old = codec.float_rows_from_pb(pb.old_logprobs, "ppo.old_logprobs", lengths, bound=bound)
+        adv = codec.float_rows_from_pb(pb.advantages, "ppo.advantages", lengths, bound=bound)
+        ref = (codec.float_rows_from_pb(pb.ref_logprobs, "ppo.ref_logprobs", lengths, bound=bound)
+               if pb.kl_coef else None)
     check_range(pb.clip_range, "ppo.clip_range", 0.0, MAX_COEF, low_open=True)
     check_range(pb.entropy_coef, "ppo.entropy_coef", -MAX_COEF, MAX_COEF)
     temperature = check_temperature(pb.temperature, "ppo.temperature") or 1.0
     check_range(pb.kl_coef, "ppo.kl_coef", 0.0, MAX_COEF)
-    ref = codec.float_rows_from_pb(pb.ref_logprobs, "ppo.ref_logprobs", lengths, bound=bound) if pb.kl_coef else None
     if pb.aggregation not in (policy_pb2.LOSS_AGGREGATION_TOKEN, policy_pb2.LOSS_AGGREGATION_SEQUENCE):
         raise InvalidArgument("ppo.aggregation", f"unknown loss aggregation {pb.aggregation}")
     return PPOBatch(seqs, old, adv, pb.clip_range, pb.entropy_coef, temperature, ref, pb.kl_coef,
                     pb.aggregation == policy_pb2.LOSS_AGGREGATION_SEQUENCE)
+
+
+def ppo_rows(batch: PPOBatch) -> list[tuple]:
+    """One record per row of a PPO minibatch: (tokens, prompt length, old log-probs, advantages, ref log-probs)."""
+    refs = batch.ref_logprobs or [None] * len(batch.seqs)
+    return list(zip(batch.seqs.rows, batch.seqs.prompt_lengths, batch.old_logprobs, batch.advantages, refs))
+
+
+def with_ppo_rows(batch: PPOBatch, records: list[tuple]) -> PPOBatch:
+    """`batch`'s objective over `records` (ppo_rows), which must carry reference log-probs when its KL term is on."""
+    if batch.kl_coef and any(r[4] is None for r in records):
+        raise InvalidArgument("rows.cached", "ppo.kl_coef > 0 needs reference log-probs, and a named row was kept "
+                              "without them")
+    columns = list(zip(*records))
+    return dataclasses.replace(batch, seqs=Sequences(list(columns[0]), list(columns[1])), old_logprobs=list(columns[2]),
+                               advantages=list(columns[3]), ref_logprobs=list(columns[4]) if batch.kl_coef else None)
 
 
 @dataclass
@@ -284,7 +306,15 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         if which is None:
             raise InvalidArgument("objective", "set ppo or dpo")
         bound = self.cfg.training.max_abs_input
-        batch = ppo_from_pb(request.ppo, m.limits, bound) if which == "ppo" else dpo_from_pb(request.dpo, m.limits, bound)
+        if which == "ppo":
+            batch = ppo_from_pb(request.ppo, m.limits, bound, cached_rows=bool(request.rows.cached))
+            carried = ppo_rows(batch)
+            batch = with_ppo_rows(batch, self.with_cached_rows(request, carried, [int(r[0].numel()) for r in carried],
+                                                               m.limits))
+        elif request.HasField("rows"):
+            raise InvalidArgument("rows", "row references are for PPO minibatches; a DPO request carries its pairs")
+        else:
+            batch = dpo_from_pb(request.dpo, m.limits, bound)
         ptx = ptx_from_pb(request.ptx, m, self.cfg.batching) if request.HasField("ptx") else None
         return batch, ptx, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
 

@@ -17,7 +17,7 @@ import torch
 
 from rlhf.v1 import common_pb2
 from services import codec
-from services.batch import Sequences, budget_chunks
+from services.batch import Sequences, budget_chunks, check_budget
 from services.batcher import Batcher, call_alive
 from services.checkpoint import (
     checkpoint_root,
@@ -31,10 +31,11 @@ from services.checkpoint import (
 from services.config import ServiceConfig
 from services.cpus import ThreadPlan, apply_threads
 from services.engine import TrainEngine
-from services.errors import GroupRejected, InvalidArgument, NotReady, Refused, WrongRank
+from services.errors import GroupRejected, InvalidArgument, NotFound, NotReady, Refused, WrongRank
 from services.idempotency import AppliedSteps, TrainerLease, check_run_id, key_from_pb
 from services.metrics import NoMetrics, ServiceMetrics
 from services.models import LOADERS, LoadedModel
+from services.row_cache import RowCache, refs_from_pb
 from services.validation import check_temperature
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class TrainableServicer(ModelServicer):
         self.applied = AppliedSteps(cfg.training.idempotency_cache)
         self.lease = TrainerLease(cfg.training.lease_seconds)
         self.skipped_steps = 0  # Train steps not applied: loss or gradient norm not finite
+        self.row_cache = RowCache(cfg.training.row_cache_tokens)
 
     def after_load(self, loaded: LoadedModel) -> None:
         self.trainer = TrainEngine(loaded.model, self.cfg.training, loaded.dtype, loaded.device)
@@ -231,6 +233,21 @@ class TrainableServicer(ModelServicer):
         """Micro-batches of at most `micro` rows and training.max_micro_batch_tokens padded tokens."""
         return budget_chunks(lengths, micro, self.cfg.training.max_micro_batch_tokens)
 
+    def with_cached_rows(self, request, carried: list, tokens: list[int], limits) -> list:
+        """The records of a Train request's rows: those it carries, then the kept ones it names (request.rows);
+        keeps the carried ones when it asks. Checks the whole minibatch against the request limits."""
+        keep, cached = refs_from_pb(request.rows, len(carried))
+        step = (request.key.run_id, request.key.step)
+        records = carried + self.row_cache.take(step, cached, "rows.cached") if cached else list(carried)
+        if not records:
+            raise InvalidArgument("sequences", "empty batch: send rows or name cached ones (rows.cached)")
+        if len(records) > limits.max_batch:
+            raise InvalidArgument("rows.cached", f"{len(records)} rows exceed the limit of {limits.max_batch}")
+        check_budget(len(records), max(int(r[0].numel()) for r in records), "rows.cached", limits.max_tokens)
+        if keep:
+            self.row_cache.keep(step, keep, carried, tokens)
+        return records
+
     async def train_step(self, request, decode, work):
         """Decode a Train request, then apply `work(*decoded)` once per idempotency key on the model thread.
 
@@ -244,7 +261,7 @@ class TrainableServicer(ModelServicer):
             key = key_from_pb(request.key)
             self.lease.take(key[0], request.key.secret, self.role)
             decoded = await self.off_loop(decode, request, m)
-        except (InvalidArgument, Refused):
+        except (InvalidArgument, Refused, NotFound):
             if self.trainer is not None and self.trainer.world_size > 1:
                 with contextlib.suppress(GroupRejected):
                     await self.on_model_thread(self.trainer.agree, [], False)

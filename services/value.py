@@ -74,13 +74,19 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
         )
 
     def _decode_train(self, request, m) -> tuple:
-        seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
-        lengths = seqs.response_lengths
         bound = self.cfg.training.max_abs_input
-        old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths, bound=bound)
-        returns = codec.float_rows_from_pb(request.returns, "returns", lengths, bound=bound)
         clip = check_range(request.clip_range_value, "clip_range_value", 0.0, bound)
-        return seqs, old_values, returns, clip, micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size)
+        carried = []  # (tokens, prompt length, old values, returns) per row
+        if not (request.rows.cached and not request.sequences.tokens.lengths):
+            seqs = Sequences.from_pb(request.sequences, "sequences", m.limits)
+            lengths = seqs.response_lengths
+            old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths, bound=bound)
+            returns = codec.float_rows_from_pb(request.returns, "returns", lengths, bound=bound)
+            carried = list(zip(seqs.rows, seqs.prompt_lengths, old_values, returns))
+        records = self.with_cached_rows(request, carried, [int(r[0].numel()) for r in carried], m.limits)
+        rows, prompts, old_values, returns = (list(c) for c in zip(*records))
+        return (Sequences(rows, prompts), old_values, returns, clip,
+                micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size))
 
     async def Train(self, request, context):
         return await self.train_step(request, self._decode_train, self._train)

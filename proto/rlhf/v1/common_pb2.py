@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/tensor.proto\"Q\n\x08TrainKey\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fminibatch_index\x18\x03 \x01(\x03\x12\x0e\n\x06secret\x18\x04 \x01(\t\"\'\n\x05Lease\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"/\n\x0eReleaseRequest\x12\x1d\n\x05lease\x18\x01 \x01(\x0b\x32\x0e.rlhf.v1.Lease\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xee\x02\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x03\x12\x14\n\x0cpad_token_id\x18\n \x01(\x03\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x03\x12\x1a\n\x12\x64\x61ta_parallel_rank\x18\x0c \x01(\x05\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\r \x01(\x05\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x15\n\rtorch_threads\x18\x0f \x01(\x05\x12\x11\n\tcpu_limit\x18\x10 \x01(\x01\"}\n\x15SaveCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0etraining_state\x18\x02 \x01(\x08\x12\x0c\n\x04keep\x18\x03 \x01(\x05\x12\x1d\n\x05lease\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Lease\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"a\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"D\n\x15LoadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1d\n\x05lease\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Lease\"R\n\x16LoadCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"Q\n\x0fLogProbsRequest\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\"g\n\x10LogProbsResponse\x12\'\n\x08logprobs\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/common.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/tensor.proto\"Q\n\x08TrainKey\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x17\n\x0fminibatch_index\x18\x03 \x01(\x03\x12\x0e\n\x06secret\x18\x04 \x01(\t\"\'\n\x07RowRefs\x12\x0c\n\x04keep\x18\x01 \x03(\x03\x12\x0e\n\x06\x63\x61\x63hed\x18\x02 \x03(\x03\"\'\n\x05Lease\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\"/\n\x0eReleaseRequest\x12\x1d\n\x05lease\x18\x01 \x01(\x0b\x32\x0e.rlhf.v1.Lease\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\r\n\x0bInfoRequest\"\xee\x02\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x12\n\nvocab_size\x18\x04 \x01(\x03\x12\x1b\n\x13max_sequence_length\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x14\n\x0c\x65os_token_id\x18\t \x01(\x03\x12\x14\n\x0cpad_token_id\x18\n \x01(\x03\x12\x16\n\x0enum_parameters\x18\x0b \x01(\x03\x12\x1a\n\x12\x64\x61ta_parallel_rank\x18\x0c \x01(\x05\x12\x1a\n\x12\x64\x61ta_parallel_size\x18\r \x01(\x05\x12\x13\n\x0binstance_id\x18\x0e \x01(\t\x12\x15\n\rtorch_threads\x18\x0f \x01(\x05\x12\x11\n\tcpu_limit\x18\x10 \x01(\x01\"}\n\x15SaveCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\x0etraining_state\x18\x02 \x01(\x08\x12\x0c\n\x04keep\x18\x03 \x01(\x05\x12\x1d\n\x05lease\x18\x04 \x01(\x0b\x32\x0e.rlhf.v1.Lease\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"a\n\x16SaveCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\r\n\x05\x66iles\x18\x03 \x03(\t\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\"D\n\x15LoadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1d\n\x05lease\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Lease\"R\n\x16LoadCheckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"Q\n\x0fLogProbsRequest\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\"g\n\x10LogProbsResponse\x12\'\n\x08logprobs\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRAINKEY']._serialized_start=55
   _globals['_TRAINKEY']._serialized_end=136
-  _globals['_LEASE']._serialized_start=138
-  _globals['_LEASE']._serialized_end=177
-  _globals['_RELEASEREQUEST']._serialized_start=179
-  _globals['_RELEASEREQUEST']._serialized_end=226
-  _globals['_RELEASERESPONSE']._serialized_start=228
-  _globals['_RELEASERESPONSE']._serialized_end=263
-  _globals['_INFOREQUEST']._serialized_start=265
-  _globals['_INFOREQUEST']._serialized_end=278
-  _globals['_MODELINFO']._serialized_start=281
-  _globals['_MODELINFO']._serialized_end=647
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=649
-  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=774
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=776
-  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=873
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=875
-  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=943
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=945
-  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=1027
-  _globals['_LOGPROBSREQUEST']._serialized_start=1029
-  _globals['_LOGPROBSREQUEST']._serialized_end=1110
-  _globals['_LOGPROBSRESPONSE']._serialized_start=1112
-  _globals['_LOGPROBSRESPONSE']._serialized_end=1215
+  _globals['_ROWREFS']._serialized_start=138
+  _globals['_ROWREFS']._serialized_end=177
+  _globals['_LEASE']._serialized_start=179
+  _globals['_LEASE']._serialized_end=218
+  _globals['_RELEASEREQUEST']._serialized_start=220
+  _globals['_RELEASEREQUEST']._serialized_end=267
+  _globals['_RELEASERESPONSE']._serialized_start=269
+  _globals['_RELEASERESPONSE']._serialized_end=304
+  _globals['_INFOREQUEST']._serialized_start=306
+  _globals['_INFOREQUEST']._serialized_end=319
+  _globals['_MODELINFO']._serialized_start=322
+  _globals['_MODELINFO']._serialized_end=688
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_start=690
+  _globals['_SAVECHECKPOINTREQUEST']._serialized_end=815
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_start=817
+  _globals['_SAVECHECKPOINTRESPONSE']._serialized_end=914
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_start=916
+  _globals['_LOADCHECKPOINTREQUEST']._serialized_end=984
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_start=986
+  _globals['_LOADCHECKPOINTRESPONSE']._serialized_end=1068
+  _globals['_LOGPROBSREQUEST']._serialized_start=1070
+  _globals['_LOGPROBSREQUEST']._serialized_end=1151
+  _globals['_LOGPROBSRESPONSE']._serialized_start=1153
+  _globals['_LOGPROBSRESPONSE']._serialized_end=1256
 # @@protoc_insertion_point(module_scope)

@@ -19,6 +19,14 @@ class TrainKey(_message.Message):
     secret: str
     def __init__(self, run_id: _Optional[str] = ..., step: _Optional[int] = ..., minibatch_index: _Optional[int] = ..., secret: _Optional[str] = ...) -> None: ...
 
+class RowRefs(_message.Message):
+    __slots__ = ("keep", "cached")
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    keep: _containers.RepeatedScalarFieldContainer[int]
+    cached: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, keep: _Optional[_Iterable[int]] = ..., cached: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Lease(_message.Message):
     __slots__ = ("run_id", "secret")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

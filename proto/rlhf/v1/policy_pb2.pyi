@@ -113,18 +113,20 @@ class DPOObjective(_message.Message):
     def __init__(self, sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., reference_logps: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., beta: _Optional[float] = ..., label_smoothing: _Optional[float] = ...) -> None: ...
 
 class PolicyTrainRequest(_message.Message):
-    __slots__ = ("key", "ppo", "dpo", "ptx", "micro_batch_size")
+    __slots__ = ("key", "ppo", "dpo", "ptx", "micro_batch_size", "rows")
     KEY_FIELD_NUMBER: _ClassVar[int]
     PPO_FIELD_NUMBER: _ClassVar[int]
     DPO_FIELD_NUMBER: _ClassVar[int]
     PTX_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.TrainKey
     ppo: PPOObjective
     dpo: DPOObjective
     ptx: PtxBatch
     micro_batch_size: int
-    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
+    rows: _common_pb2.RowRefs
+    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., ppo: _Optional[_Union[PPOObjective, _Mapping]] = ..., dpo: _Optional[_Union[DPOObjective, _Mapping]] = ..., ptx: _Optional[_Union[PtxBatch, _Mapping]] = ..., micro_batch_size: _Optional[int] = ..., rows: _Optional[_Union[_common_pb2.RowRefs, _Mapping]] = ...) -> None: ...
 
 class PolicyTrainResponse(_message.Message):
     __slots__ = ("loss", "policy_loss", "clip_fraction", "approx_kl", "entropy", "grad_norm", "ptx_loss", "model_version", "tokens", "replayed", "reward_accuracy", "reward_margin", "instance_id", "skipped", "kl_loss")

@@ -26,7 +26,7 @@ from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import tensor_pb2 as rlhf_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rlhf/v1/value.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/tensor.proto\":\n\rValuesRequest\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\"c\n\x0eValuesResponse\x12%\n\x06values\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"\xe5\x01\n\x11ValueTrainRequest\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.TrainKey\x12)\n\tsequences\x18\x02 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12)\n\nold_values\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12&\n\x07returns\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x18\n\x10\x63lip_range_value\x18\x05 \x01(\x02\x12\x18\n\x10micro_batch_size\x18\x06 \x01(\x05\"\xc7\x01\n\x12ValueTrainResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\x15\n\rclip_fraction\x18\x02 \x01(\x02\x12\x11\n\tgrad_norm\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x1a\n\x12\x65xplained_variance\x18\x07 \x01(\x02\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x0f\n\x07skipped\x18\t \x01(\x08\x32\xa1\x03\n\x0cValueService\x12\x39\n\x06Values\x12\x16.rlhf.v1.ValuesRequest\x1a\x17.rlhf.v1.ValuesResponse\x12@\n\x05Train\x12\x1a.rlhf.v1.ValueTrainRequest\x1a\x1b.rlhf.v1.ValueTrainResponse\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponse\x12Q\n\x0eLoadCheckpoint\x12\x1e.rlhf.v1.LoadCheckpointRequest\x1a\x1f.rlhf.v1.LoadCheckpointResponse\x12<\n\x07Release\x12\x17.rlhf.v1.ReleaseRequest\x1a\x18.rlhf.v1.ReleaseResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13rlhf/v1/value.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/tensor.proto\":\n\rValuesRequest\x12)\n\tsequences\x18\x01 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\"c\n\x0eValuesResponse\x12%\n\x06values\x18\x01 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x13\n\x0binstance_id\x18\x03 \x01(\t\"\x85\x02\n\x11ValueTrainRequest\x12\x1e\n\x03key\x18\x01 \x01(\x0b\x32\x11.rlhf.v1.TrainKey\x12)\n\tsequences\x18\x02 \x01(\x0b\x32\x16.rlhf.v1.SequenceBatch\x12)\n\nold_values\x18\x03 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12&\n\x07returns\x18\x04 \x01(\x0b\x32\x15.rlhf.v1.RaggedTensor\x12\x18\n\x10\x63lip_range_value\x18\x05 \x01(\x02\x12\x18\n\x10micro_batch_size\x18\x06 \x01(\x05\x12\x1e\n\x04rows\x18\x07 \x01(\x0b\x32\x10.rlhf.v1.RowRefs\"\xc7\x01\n\x12ValueTrainResponse\x12\x0c\n\x04loss\x18\x01 \x01(\x02\x12\x15\n\rclip_fraction\x18\x02 \x01(\x02\x12\x11\n\tgrad_norm\x18\x03 \x01(\x02\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x1a\n\x12\x65xplained_variance\x18\x07 \x01(\x02\x12\x13\n\x0binstance_id\x18\x08 \x01(\t\x12\x0f\n\x07skipped\x18\t \x01(\x08\x32\xa1\x03\n\x0cValueService\x12\x39\n\x06Values\x12\x16.rlhf.v1.ValuesRequest\x1a\x17.rlhf.v1.ValuesResponse\x12@\n\x05Train\x12\x1a.rlhf.v1.ValueTrainRequest\x1a\x1b.rlhf.v1.ValueTrainResponse\x12Q\n\x0eSaveCheckpoint\x12\x1e.rlhf.v1.SaveCheckpointRequest\x1a\x1f.rlhf.v1.SaveCheckpointResponse\x12Q\n\x0eLoadCheckpoint\x12\x1e.rlhf.v1.LoadCheckpointRequest\x1a\x1f.rlhf.v1.LoadCheckpointResponse\x12<\n\x07Release\x12\x17.rlhf.v1.ReleaseRequest\x1a\x18.rlhf.v1.ReleaseResponse\x12\x30\n\x04Info\x12\x14.rlhf.v1.InfoRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,9 +38,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VALUESRESPONSE']._serialized_start=136
   _globals['_VALUESRESPONSE']._serialized_end=235
   _globals['_VALUETRAINREQUEST']._serialized_start=238
-  _globals['_VALUETRAINREQUEST']._serialized_end=467
-  _globals['_VALUETRAINRESPONSE']._serialized_start=470
-  _globals['_VALUETRAINRESPONSE']._serialized_end=669
-  _globals['_VALUESERVICE']._serialized_start=672
-  _globals['_VALUESERVICE']._serialized_end=1089
+  _globals['_VALUETRAINREQUEST']._serialized_end=499
+  _globals['_VALUETRAINRESPONSE']._serialized_start=502
+  _globals['_VALUETRAINRESPONSE']._serialized_end=701
+  _globals['_VALUESERVICE']._serialized_start=704
+  _globals['_VALUESERVICE']._serialized_end=1121
 # @@protoc_insertion_point(module_scope)

@@ -24,20 +24,22 @@ class ValuesResponse(_message.Message):
     def __init__(self, values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., model_version: _Optional[int] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class ValueTrainRequest(_message.Message):
-    __slots__ = ("key", "sequences", "old_values", "returns", "clip_range_value", "micro_batch_size")
+    __slots__ = ("key", "sequences", "old_values", "returns", "clip_range_value", "micro_batch_size", "rows")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     OLD_VALUES_FIELD_NUMBER: _ClassVar[int]
     RETURNS_FIELD_NUMBER: _ClassVar[int]
     CLIP_RANGE_VALUE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     key: _common_pb2.TrainKey
     sequences: _tensor_pb2.SequenceBatch
     old_values: _tensor_pb2.RaggedTensor
     returns: _tensor_pb2.RaggedTensor
     clip_range_value: float
     micro_batch_size: int
-    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ...) -> None: ...
+    rows: _common_pb2.RowRefs
+    def __init__(self, key: _Optional[_Union[_common_pb2.TrainKey, _Mapping]] = ..., sequences: _Optional[_Union[_tensor_pb2.SequenceBatch, _Mapping]] = ..., old_values: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., returns: _Optional[_Union[_tensor_pb2.RaggedTensor, _Mapping]] = ..., clip_range_value: _Optional[float] = ..., micro_batch_size: _Optional[int] = ..., rows: _Optional[_Union[_common_pb2.RowRefs, _Mapping]] = ...) -> None: ...
 
 class ValueTrainResponse(_message.Message):
     __slots__ = ("loss", "clip_fraction", "grad_norm", "model_version", "tokens", "replayed", "explained_variance", "instance_id", "skipped")

@@ -176,6 +176,25 @@ class TGIConfig(Strict):
         "machine's Hugging Face token (HF_TOKEN), if there is one")
 
 
+class TEIConfig(Strict):
+    """A text-embeddings-inference server that serves the reward model (`backend: tei`, reward role)."""
+
+    url: str = Field(description="Base URL of the TEI server, e.g. http://tei:8080; it serves the reward model as a "
+                     "sequence classifier at /predict")
+    input: Literal["joined", "pair"] = Field(
+        "joined", description="joined: send prompt + response + the tokenizer's eos as one text (models trained by "
+        "rlhf train-rm); pair: send [prompt, response] (cross-encoder reward models)")
+    label: str | None = Field(None, description="Which label's raw score is the reward when the model has several; "
+                              "default: the only one")
+    max_batch_rows: int = Field(32, ge=1, description="Most rows in one /predict request (TEI's "
+                                "--max-client-batch-size, 32 by default)")
+    max_concurrency: int = Field(4, ge=1, description="Most /predict requests in flight at once")
+    timeout_seconds: float = Field(30.0, gt=0, description="Limit of one HTTP request, in seconds")
+    retries: int = Field(3, ge=0, description="Retries of a request after a connection error, timeout, HTTP 429 "
+                         "or 5xx, with exponential backoff; then the call is UNAVAILABLE")
+    token_file: str | None = Field(None, description="File holding a bearer token for the TEI server")
+
+
 class PythonRewardConfig(Strict):
     """A rule or verifier in Python served as the RewardService (`backend: python`)."""
 
@@ -196,11 +215,13 @@ class ServiceConfig(Strict):
     server: ServerConfig = ServerConfig()
     batching: BatchingConfig = BatchingConfig()
     training: TrainingConfig = TrainingConfig()
-    backend: Literal["local", "tgi", "python"] = Field(
+    backend: Literal["local", "tgi", "tei", "python"] = Field(
         "local", description="local: run the model in this process; tgi (reference role only): ask the TGI "
-        "server of `tgi` for the log-probs, loading only the tokenizer of `model`; python (reward role only): "
+        "server of `tgi` for the log-probs, loading only the tokenizer of `model`; tei (reward role only): ask "
+        "the TEI server of `tei` for the scores, loading only the tokenizer of `model`; python (reward role only): "
         "score texts with the function of `python`")
     tgi: TGIConfig | None = Field(None, description="The TGI server of `backend: tgi`")
+    tei: TEIConfig | None = Field(None, description="The TEI server of `backend: tei`")
     python: PythonRewardConfig | None = Field(None, description="The rule of `backend: python`")
 
     @model_validator(mode="after")
@@ -211,6 +232,10 @@ class ServiceConfig(Strict):
             raise ValueError("backend: tgi needs a `tgi` section with the server's url")
         if self.backend != "tgi" and self.tgi is not None:
             raise ValueError("tgi: set only with backend: tgi")
+        if self.backend == "tei" and self.role != "reward":
+            raise ValueError(f"backend: tei serves the reward role only, not {self.role}")
+        if (self.backend == "tei") != (self.tei is not None):
+            raise ValueError("backend: tei and a `tei` section (url: the TEI server) go together")
         if self.backend == "python" and self.role != "reward":
             raise ValueError(f"backend: python serves the reward role only, not {self.role}")
         if (self.backend == "python") != (self.python is not None):

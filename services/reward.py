@@ -1,8 +1,10 @@
 """RewardService: scalar scores of whole sequences from the frozen reward model, or from a Python rule.
 
-backend: local runs the reward model here; backend: python scores texts with
-a user function (services/rules.py), behind the same contract, validation,
-admission and metrics.
+backend: local runs the reward model here; backend: tei asks a
+text-embeddings-inference server that serves it (services/tei.py);
+backend: python scores texts with a user function (services/rules.py). The
+last two score texts on threads of their own, behind the same contract,
+validation, admission and metrics.
 """
 
 from concurrent.futures import ThreadPoolExecutor
@@ -16,9 +18,10 @@ from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import encode_for_reward
 from services.inference import sequence_scores
-from services.models import LoadedModel
+from services.models import LoadedModel, load_tokenizer_only
 from services.rules import RuleScorer
 from services.servicer import FrozenServicer
+from services.tei import TEIScorer
 from services.validation import check_texts
 
 
@@ -30,10 +33,13 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.rules: RuleScorer | None = None  # set when loaded, with backend: python
-        if cfg.backend == "python":  # a rule's calls run on threads of their own, several batches at once
-            self.rule_pool = ThreadPoolExecutor(max_workers=cfg.python.workers, thread_name_prefix="reward-rule")
-            self.batcher = Batcher(lambda key, items: self.rules.run_rows(key, items), cfg.batching, self.rule_pool,
+        self.rules: RuleScorer | TEIScorer | None = None  # the text scorer of backend python or tei, once loaded
+        if cfg.backend in ("python", "tei"):  # its calls run on threads of their own, several batches at once
+            workers = cfg.python.workers if cfg.backend == "python" else cfg.tei.max_concurrency
+            batching = cfg.batching if cfg.backend == "python" else cfg.batching.model_copy(
+                update={"max_batch_size": min(cfg.batching.max_batch_size, cfg.tei.max_batch_rows)})
+            self.rule_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"reward-{cfg.backend}")
+            self.batcher = Batcher(lambda key, items: self.rules.run_rows(key, items), batching, self.rule_pool,
                                    concurrent=True)
 
     def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
@@ -43,6 +49,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
                 m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
 
     def load_model(self) -> LoadedModel:
+        if self.cfg.backend == "tei":  # the model runs on the TEI server: its tokenizer (eos) and limits only
+            return load_tokenizer_only(self.cfg.model)
         if self.cfg.backend == "python":  # a rule: no weights, no tokenizer; texts only
             limits = ModelLimits(vocab_size=0, max_length=self.cfg.batching.max_request_tokens)
             return LoadedModel(None, None, limits, torch.device("cpu"), torch.float32, "", -1, -1)
@@ -52,6 +60,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         super().after_load(loaded)
         if self.cfg.backend == "python":
             self.rules = RuleScorer(self.cfg.python)
+        elif self.cfg.backend == "tei":
+            self.rules = TEIScorer(self.cfg.tei, loaded.tokenizer.eos_token)
 
     def _text_columns(self, pairs: reward_pb2.TextPairs) -> tuple[list[str], list[str]]:
         prompts, responses = list(pairs.prompts), list(pairs.responses)
@@ -97,7 +107,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
             which = request.WhichOneof("input")
             if which == "tokens":
                 if self.rules is not None:
-                    raise InvalidArgument("tokens", "this reward service runs a Python rule, which scores texts: "
+                    scorer = "a Python rule" if self.cfg.backend == "python" else "a TEI server"
+                    raise InvalidArgument("tokens", f"this reward service scores with {scorer}, which scores texts: "
                                           "send texts (prompts, responses)")
                 rows = await self.off_loop(tokens_from_pb, request.tokens, "tokens", m.limits)
                 scores = await self.score_rows(rows, context)
@@ -125,6 +136,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         await super().close()
         if self.rules is not None:
             self.rule_pool.shutdown(wait=False, cancel_futures=True)
+            if isinstance(self.rules, TEIScorer):
+                self.rules.close()
 
     async def Compare(self, request, context):
         return await self.compare(request, context)

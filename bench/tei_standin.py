@@ -1,4 +1,4 @@
-"""A stand-in for a text-embeddings-inference server on loopback, for the tests and `rlhf bench reward-backends`:
+"""A stand-in for a text-embeddings-inference server on loopback, for the tests of the reward service's tei backend:
 TEI's documented /predict schema, with a real sequence-classification model computing the scores.
 
 POST /predict takes {"inputs": str | [str, str] | [[str] | [str, str], ...], "raw_scores": bool, "truncate": bool,
@@ -9,43 +9,45 @@ raw_scores a one-label model's score goes through a sigmoid, several labels thro
 413 as TEI does, `extra_label` adds a second label (score 0) to every prediction.
 """
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
-
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from bench.standin import StandInServer
 
-class TEIStandIn:
+
+class TEIStandIn(StandInServer):
     """The stand-in server in a background thread; `url` is its base URL, `batches` the row counts it was sent."""
 
     def __init__(self, model_dir, max_batch: int = 32):
+        super().__init__()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
         self.max_length = self.model.config.max_position_embeddings if hasattr(
             self.model.config, "max_position_embeddings") else self.model.config.n_positions
-        self.lock = threading.Lock()  # one forward pass at a time; counters change under it
         self.fail_next = 0  # POSTs still to answer with 503
         self.max_batch = max_batch
         self.extra_label: str | None = None
         self.batches: list[int] = []
         self.last_inputs = None  # the last /predict request's inputs
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def post(self, path: str, request) -> tuple[int, object]:
+        if path != "/predict":
+            return 404, {"error": f"no route {path}", "error_type": "validation"}
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return 503, {"error": "model is loading", "error_type": "unhealthy"}
+        try:
+            texts, batch = _texts(request["inputs"])
+        except (KeyError, TypeError, ValueError) as error:
+            return 422, {"error": str(error), "error_type": "validation"}
+        if len(texts) > self.max_batch:
+            return 413, {"error": f"batch size {len(texts)} > maximum allowed batch size {self.max_batch}",
+                         "error_type": "validation"}
+        self.batches.append(len(texts))
+        self.last_inputs = request["inputs"]
+        left = request.get("truncate") and request.get("truncation_direction", "Right") == "Left"
+        predictions = self.predict(texts, bool(request.get("raw_scores")), bool(left))
+        return 200, predictions if batch else predictions[0]
 
     def predict(self, texts: list[str], raw: bool, truncate_left: bool) -> list[list[dict]]:
         """Predictions for each text, scored one by one (no padding) at its last token."""
@@ -74,42 +76,3 @@ def _texts(inputs) -> tuple[list[str], bool]:
         return ["".join(x) for x in inputs], True
     raise ValueError("inputs must be a string, a pair of strings, or a batch of [string] or [string, string]")
 
-
-def _handler(stand_in: TEIStandIn):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # quiet
-            pass
-
-        def _reply(self, code: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._reply(200, {}) if self.path == "/health" else self._reply(404, {"error": "not found"})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with stand_in.lock:
-                if self.path != "/predict":
-                    return self._reply(404, {"error": f"no route {self.path}", "error_type": "validation"})
-                if stand_in.fail_next > 0:
-                    stand_in.fail_next -= 1
-                    return self._reply(503, {"error": "model is loading", "error_type": "unhealthy"})
-                try:
-                    texts, batch = _texts(request["inputs"])
-                except (KeyError, TypeError, ValueError) as error:
-                    return self._reply(422, {"error": str(error), "error_type": "validation"})
-                if len(texts) > stand_in.max_batch:
-                    return self._reply(413, {"error": f"batch size {len(texts)} > maximum allowed batch size "
-                                             f"{stand_in.max_batch}", "error_type": "validation"})
-                stand_in.batches.append(len(texts))
-                stand_in.last_inputs = request["inputs"]
-                left = request.get("truncate") and request.get("truncation_direction", "Right") == "Left"
-                predictions = stand_in.predict(texts, bool(request.get("raw_scores")), bool(left))
-                self._reply(200, predictions if batch else predictions[0])
-
-    return Handler

@@ -9,40 +9,35 @@ that many POSTs with 503, `shift` gives one input text a wrong id at one positio
 tokenizer's BOS as Llama-style tokenizers do.
 """
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bench.standin import StandInServer
 
-class TGIStandIn:
+
+class TGIStandIn(StandInServer):
     """The stand-in server in a background thread; `url` is its base URL, `paths` the POST paths it was sent."""
 
     def __init__(self, model_dir):
+        super().__init__()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        self.lock = threading.Lock()  # one forward pass at a time; counters change under it
         self.fail_next = 0  # POSTs still to answer with 503
         self.shift: tuple[str, int] | None = None  # (input text, position): that id comes back one higher
         self.prepend_bos = False
         self.paths: list[str] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def post(self, path: str, request) -> tuple[int, object]:
+        self.paths.append(path)
+        if path not in ("/", "/generate"):
+            return 404, {"error": f"no route {path}"}
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return 503, {"error": "model is loading"}
+        parameters = request.get("parameters") or {}
+        if not (parameters.get("details") and parameters.get("decoder_input_details")):
+            return 422, {"error": "the stand-in answers only with details", "error_type": "validation"}
+        return 200, self.generate(request["inputs"])
 
     def generate(self, inputs: str) -> dict:
         """TGI's generate reply for max_new_tokens=1 with details and decoder_input_details."""
@@ -64,36 +59,3 @@ class TGIStandIn:
             "tokens": [{"id": new, "text": text, "logprob": float(logp[-1, new]),
                         "special": new in self.tokenizer.all_special_ids}]}}
 
-
-def _handler(stand_in: TGIStandIn):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # quiet
-            pass
-
-        def _reply(self, code: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            self._reply(200, {}) if self.path == "/health" else self._reply(404, {"error": "not found"})
-
-        def do_POST(self):
-            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with stand_in.lock:
-                stand_in.paths.append(self.path)
-                if self.path not in ("/", "/generate"):
-                    return self._reply(404, {"error": f"no route {self.path}"})
-                if stand_in.fail_next > 0:
-                    stand_in.fail_next -= 1
-                    return self._reply(503, {"error": "model is loading"})
-                parameters = request.get("parameters") or {}
-                if not (parameters.get("details") and parameters.get("decoder_input_details")):
-                    return self._reply(422, {"error": "the stand-in answers only with details",
-                                             "error_type": "validation"})
-                self._reply(200, stand_in.generate(request["inputs"]))
-
-    return Handler

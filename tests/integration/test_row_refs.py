@@ -4,8 +4,15 @@ import grpc
 import pytest
 import torch
 
-from rlhf.v1 import common_pb2, policy_pb2_grpc, value_pb2_grpc
-from tests.support.rpc import ppo_train, rows, sequences_from_generation, text_generate, value_train
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, value_pb2_grpc
+from tests.support.rpc import (
+    expect_invalid,
+    ppo_train,
+    rows,
+    sequences_from_generation,
+    text_generate,
+    value_train,
+)
 from tests.support.servers import ServerThread, service_config
 from training import synthetic
 
@@ -115,6 +122,9 @@ def test_row_refs_are_validated_and_dpo_takes_none(trainers, rollout):
         with pytest.raises(grpc.RpcError) as caught:
             policy.Train(request, timeout=60)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in caught.value.details()
+    dpo = policy_pb2.PolicyTrainRequest(key=common_pb2.TrainKey(run_id="rows", step=5), dpo=policy_pb2.DPOObjective(
+        beta=0.1), rows=common_pb2.RowRefs(cached=[0]))
+    assert "row references are for PPO" in expect_invalid(policy.Train, dpo, "rows")
 
 
 def test_the_value_service_keeps_rows_too(trainers, rollout):

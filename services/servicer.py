@@ -294,5 +294,6 @@ class TrainableServicer(ModelServicer):
         run_id = check_run_id(request.lease.run_id, "lease.run_id")
         released = self.lease.release(run_id, request.lease.secret)
         if released:
+            self.row_cache.clear()  # the run's kept rows go with its lease
             log.info("%s: run %s released its lease", self.role, run_id)
         return common_pb2.ReleaseResponse(released=released)

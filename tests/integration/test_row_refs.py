@@ -113,6 +113,16 @@ def test_loading_a_training_state_drops_the_kept_rows(trainers, rollout):
     assert rolled_back.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_releasing_the_lease_drops_the_kept_rows(trainers, rollout):
+    policy = policy_pb2_grpc.PolicyServiceStub(trainers["policy"].channel())
+    seqs, old, adv = rollout
+    policy.Train(keeping(ppo_train(seqs, old, adv, step=7, run_id="rows"), list(range(6))), timeout=120)
+    assert policy.Release(common_pb2.ReleaseRequest(lease=common_pb2.Lease(run_id="rows")), timeout=30).released
+    with pytest.raises(grpc.RpcError) as released:
+        policy.Train(naming(ppo_train(seqs, old, adv, step=7, minibatch=1, run_id="rows"), [0]), timeout=60)
+    assert released.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_row_refs_are_validated_and_dpo_takes_none(trainers, rollout):
     policy = policy_pb2_grpc.PolicyServiceStub(trainers["policy"].channel())
     seqs, old, adv = rollout

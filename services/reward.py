@@ -95,7 +95,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
         m = self.require()
         if self.rules is not None:
             return await self.rules.score(self.batcher, prompts, responses, call_alive(context))
-        return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m), context)
+        size = sum(map(len, prompts)) + sum(map(len, responses))
+        return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m, size=size), context)
 
     async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
         """Scores of token rows (validated against the model's limits) through the batcher."""
@@ -110,7 +111,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
                     scorer = "a Python rule" if self.cfg.backend == "python" else "a TEI server"
                     raise InvalidArgument("tokens", f"this reward service scores with {scorer}, which scores texts: "
                                           "send texts (prompts, responses)")
-                rows = await self.off_loop(tokens_from_pb, request.tokens, "tokens", m.limits)
+                rows = await self.off_loop(tokens_from_pb, request.tokens, "tokens", m.limits,
+                                           size=len(request.tokens.values.raw))
                 scores = await self.score_rows(rows, context)
             elif which == "texts":
                 scores = await self.score_texts(*self._text_columns(request.texts), context)

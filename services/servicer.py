@@ -40,6 +40,8 @@ from services.validation import check_temperature
 
 log = logging.getLogger(__name__)
 
+INLINE_BYTES = 4096  # requests this small are decoded and tokenised on the event loop (ModelServicer.off_loop)
+
 
 class ModelServicer:
     """Base of the four model servicers: loading, readiness, the model thread, Info."""
@@ -91,8 +93,12 @@ class ModelServicer:
         """Run fn(*args) on the model thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def off_loop(self, fn, *args):
-        """Run fn(*args) (request decoding, tokenising) on the text threads, so the event loop keeps answering."""
+    async def off_loop(self, fn, *args, size: int | None = None):
+        """Run fn(*args) (request decoding, tokenising) on the text threads, so the event loop keeps answering;
+        a request of at most INLINE_BYTES (`size`: its text characters or tensor bytes) runs here at once, as the
+        trip to a thread and back costs more than the work."""
+        if size is not None and size <= INLINE_BYTES:
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.text_pool, fn, *args)
 
     def model_version(self) -> int:
@@ -159,7 +165,8 @@ class ModelServicer:
         """Validate a LogProbsRequest, run it through `batcher`, encode the reply."""
         with batcher.admit():
             m = self.require()
-            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits)
+            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits,
+                                       size=len(request.sequences.tokens.values.raw))
             temperature = check_temperature(request.temperature, "temperature")
             tokens = sum(int(r.numel()) for r in seqs.rows)
             rows = await batcher.submit(temperature, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))

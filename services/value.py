@@ -28,7 +28,8 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
     async def Values(self, request, context):
         with self.batcher.admit():
             m = self.require()
-            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits)
+            seqs = await self.off_loop(Sequences.from_pb, request.sequences, "sequences", m.limits,
+                                       size=len(request.sequences.tokens.values.raw))
             version = self.model_version()
             tokens = sum(int(r.numel()) for r in seqs.rows)
             rows = await self.batcher.submit(None, list(zip(seqs.rows, seqs.prompt_lengths)), tokens, call_alive(context))

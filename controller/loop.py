@@ -223,7 +223,7 @@ VALUE_FIELDS = {"value/loss": "loss", "value/clipfrac": "clip_fraction", "value/
                 "value/explained_variance": "explained_variance"}
 
 
-def _train(stub):
+def _train_rpc(stub):
     return stub.Train
 
 
@@ -342,13 +342,13 @@ class PPORunner(Runner):
         parts = self.rows.shards(role, index, self.clients.ranks(role))
         plans = [self.rows.plan(role, rank, part) for rank, part in enumerate(parts)]
         try:
-            replies = await self.clients.each_rank(role, _train, [request_for(r, p) for r, p in enumerate(plans)])
+            replies = await self.clients.each_rank(role, _train_rpc, [request_for(r, p) for r, p in enumerate(plans)])
         except grpc.aio.AioRpcError as error:
             if error.code() not in MISSED or not any(p.cached for p in plans):
                 raise
             self.rows.missed(role, error)
             plans = [Plan(part, [], False) for part in parts]
-            replies = await self.clients.each_rank(role, _train, [request_for(r, p) for r, p in enumerate(plans)])
+            replies = await self.clients.each_rank(role, _train_rpc, [request_for(r, p) for r, p in enumerate(plans)])
         for rank, plan in enumerate(plans):
             self.rows.sent(role, rank, plan)
         self.clients.watch.trained(role, replies)

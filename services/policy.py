@@ -308,9 +308,7 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
         bound = self.cfg.training.max_abs_input
         if which == "ppo":
             batch = ppo_from_pb(request.ppo, m.limits, bound, cached_rows=bool(request.rows.cached))
-            carried = ppo_rows(batch)
-            batch = with_ppo_rows(batch, self.with_cached_rows(request, carried, [int(r[0].numel()) for r in carried],
-                                                               m.limits))
+            batch = with_ppo_rows(batch, self.with_cached_rows(request, ppo_rows(batch), m.limits))
         elif request.HasField("rows"):
             raise InvalidArgument("rows", "row references are for PPO minibatches; a DPO request carries its pairs")
         else:

@@ -240,19 +240,20 @@ class TrainableServicer(ModelServicer):
         """Micro-batches of at most `micro` rows and training.max_micro_batch_tokens padded tokens."""
         return budget_chunks(lengths, micro, self.cfg.training.max_micro_batch_tokens)
 
-    def with_cached_rows(self, request, carried: list, tokens: list[int], limits) -> list:
-        """The records of a Train request's rows: those it carries, then the kept ones it names (request.rows);
-        keeps the carried ones when it asks. Checks the whole minibatch against the request limits."""
+    def with_cached_rows(self, request, carried: list, limits) -> list:
+        """The records of a Train request's rows, each a tuple whose first item is the row's token ids: those it
+        carries (already checked by their decoder), then the kept ones it names (request.rows), with the whole
+        minibatch checked against the request limits; keeps the carried ones when it asks."""
         keep, cached = refs_from_pb(request.rows, len(carried))
         step = (request.key.run_id, request.key.step)
-        records = carried + self.row_cache.take(step, cached, "rows.cached") if cached else list(carried)
-        if not records:
-            raise InvalidArgument("sequences", "empty batch: send rows or name cached ones (rows.cached)")
-        if len(records) > limits.max_batch:
-            raise InvalidArgument("rows.cached", f"{len(records)} rows exceed the limit of {limits.max_batch}")
-        check_budget(len(records), max(int(r[0].numel()) for r in records), "rows.cached", limits.max_tokens)
+        records = list(carried)
+        if cached:
+            records += self.row_cache.take(step, cached, "rows.cached")
+            if len(records) > limits.max_batch:
+                raise InvalidArgument("rows.cached", f"{len(records)} rows exceed the limit of {limits.max_batch}")
+            check_budget(len(records), max(int(r[0].numel()) for r in records), "rows.cached", limits.max_tokens)
         if keep:
-            self.row_cache.keep(step, keep, carried, tokens)
+            self.row_cache.keep(step, keep, carried, [int(r[0].numel()) for r in carried])
         return records
 
     async def train_step(self, request, decode, work):

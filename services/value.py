@@ -84,7 +84,7 @@ class ValueServicer(TrainableServicer, value_pb2_grpc.ValueServiceServicer):
             old_values = codec.float_rows_from_pb(request.old_values, "old_values", lengths, bound=bound)
             returns = codec.float_rows_from_pb(request.returns, "returns", lengths, bound=bound)
             carried = list(zip(seqs.rows, seqs.prompt_lengths, old_values, returns))
-        records = self.with_cached_rows(request, carried, [int(r[0].numel()) for r in carried], m.limits)
+        records = self.with_cached_rows(request, carried, m.limits)
         rows, prompts, old_values, returns = (list(c) for c in zip(*records))
         return (Sequences(rows, prompts), old_values, returns, clip,
                 micro_batch_size(request.micro_batch_size, self.cfg.training.micro_batch_size))

@@ -33,13 +33,13 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.rules: RuleScorer | TEIScorer | None = None  # the text scorer of backend python or tei, once loaded
+        self.scorer: RuleScorer | TEIScorer | None = None  # the text scorer of backend python or tei, once loaded
         if cfg.backend in ("python", "tei"):  # its calls run on threads of their own, several batches at once
             workers = cfg.python.workers if cfg.backend == "python" else cfg.tei.max_concurrency
             batching = cfg.batching if cfg.backend == "python" else cfg.batching.model_copy(
                 update={"max_batch_size": min(cfg.batching.max_batch_size, cfg.tei.max_batch_rows)})
-            self.rule_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"reward-{cfg.backend}")
-            self.batcher = Batcher(lambda key, items: self.rules.run_rows(key, items), batching, self.rule_pool,
+            self.scorer_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"reward-{cfg.backend}")
+            self.batcher = Batcher(lambda key, items: self.scorer.run_rows(key, items), batching, self.scorer_pool,
                                    concurrent=True)
 
     def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
@@ -59,9 +59,9 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     def after_load(self, loaded: LoadedModel) -> None:
         super().after_load(loaded)
         if self.cfg.backend == "python":
-            self.rules = RuleScorer(self.cfg.python)
+            self.scorer = RuleScorer(self.cfg.python)
         elif self.cfg.backend == "tei":
-            self.rules = TEIScorer(self.cfg.tei, loaded.tokenizer.eos_token)
+            self.scorer = TEIScorer(self.cfg.tei, loaded.tokenizer.eos_token)
 
     def _text_columns(self, pairs: reward_pb2.TextPairs) -> tuple[list[str], list[str]]:
         prompts, responses = list(pairs.prompts), list(pairs.responses)
@@ -93,8 +93,8 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
     async def score_texts(self, prompts: list[str], responses: list[str], context) -> list[float]:
         """Scores of (prompt, response) texts: the rule's, or the model's through the batcher."""
         m = self.require()
-        if self.rules is not None:
-            return await self.rules.score(self.batcher, prompts, responses, call_alive(context))
+        if self.scorer is not None:
+            return await self.scorer.score(self.batcher, prompts, responses, call_alive(context))
         size = sum(map(len, prompts)) + sum(map(len, responses))
         return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m, size=size), context)
 
@@ -107,9 +107,9 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
             m = self.require()
             which = request.WhichOneof("input")
             if which == "tokens":
-                if self.rules is not None:
-                    scorer = "a Python rule" if self.cfg.backend == "python" else "a TEI server"
-                    raise InvalidArgument("tokens", f"this reward service scores with {scorer}, which scores texts: "
+                if self.scorer is not None:
+                    kind = "a Python rule" if self.cfg.backend == "python" else "a TEI server"
+                    raise InvalidArgument("tokens", f"this reward service scores with {kind}, which scores texts: "
                                           "send texts (prompts, responses)")
                 rows = await self.off_loop(tokens_from_pb, request.tokens, "tokens", m.limits,
                                            size=len(request.tokens.values.raw))
@@ -136,10 +136,9 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
 
     async def close(self) -> None:
         await super().close()
-        if self.rules is not None:
-            self.rule_pool.shutdown(wait=False, cancel_futures=True)
-            if isinstance(self.rules, TEIScorer):
-                self.rules.close()
+        if self.scorer is not None:
+            self.scorer_pool.shutdown(wait=False, cancel_futures=True)
+            self.scorer.close()
 
     async def Compare(self, request, context):
         return await self.compare(request, context)

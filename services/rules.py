@@ -77,6 +77,9 @@ class RuleScorer:
                 out.append(self._failed(error))
         return out
 
+    def close(self) -> None:
+        """Nothing to release: the function runs on the service's threads."""
+
     async def score(self, batcher, prompts: list[str], responses: list[str], alive) -> list[float]:
         """One score per row through `batcher`; TooSlow past timeout_seconds, RuleFailed for a failed row."""
         try:

@@ -52,6 +52,14 @@ def naming(request, ids):
     return request
 
 
+def expect_not_found(train, request) -> str:
+    """`train(request)` fails with NOT_FOUND (a named row is not kept); its details."""
+    with pytest.raises(grpc.RpcError) as caught:
+        train(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND, (caught.value.code(), caught.value.details())
+    return caught.value.details()
+
+
 def test_named_rows_decode_exactly_as_the_rows_sent(trainers, rollout):
     servicer = trainers["policy"].servicer
     seqs, old, adv = rollout
@@ -79,14 +87,13 @@ def test_later_minibatches_train_on_kept_rows_and_unknown_rows_change_nothing(tr
                           timeout=120)
     assert second.model_version == first.model_version + 1 and not second.replayed
     assert second.tokens == sum(old[i].numel() for i in (5, 0, 3))
-    with pytest.raises(grpc.RpcError) as missing:  # never kept: refused before anything is applied
-        policy.Train(naming(ppo_train(seqs, old, adv, step=2, minibatch=2, run_id="rows"), [0, 99]), timeout=60)
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "row 99 of step 2" in missing.value.details()
+    missing = expect_not_found(policy.Train, naming(ppo_train(seqs, old, adv, step=2, minibatch=2, run_id="rows"),
+                                                    [0, 99]))  # never kept: refused before anything is applied
+    assert "row 99 of step 2" in missing
     resent = policy.Train(ppo_train(seqs, old, adv, step=2, minibatch=2, run_id="rows"), timeout=120)
     assert resent.model_version == second.model_version + 1  # the same key, sent in full, is applied once
-    with pytest.raises(grpc.RpcError) as moved_on:  # the next step's requests drop the last step's rows
-        policy.Train(naming(ppo_train(seqs, old, adv, step=3, run_id="rows"), [0]), timeout=60)
-    assert moved_on.value.code() == grpc.StatusCode.NOT_FOUND
+    # the next step's requests drop the last step's rows
+    expect_not_found(policy.Train, naming(ppo_train(seqs, old, adv, step=3, run_id="rows"), [0]))
 
 
 def test_another_run_cannot_reach_the_kept_rows(trainers, rollout):
@@ -108,9 +115,7 @@ def test_loading_a_training_state_drops_the_kept_rows(trainers, rollout):
                           timeout=120)
     policy.Train(keeping(ppo_train(seqs, old, adv, step=6, run_id="rows"), list(range(6))), timeout=120)
     policy.LoadCheckpoint(common_pb2.LoadCheckpointRequest(path="before-6", lease=lease), timeout=120)
-    with pytest.raises(grpc.RpcError) as rolled_back:
-        policy.Train(naming(ppo_train(seqs, old, adv, step=6, minibatch=1, run_id="rows"), [0]), timeout=60)
-    assert rolled_back.value.code() == grpc.StatusCode.NOT_FOUND
+    expect_not_found(policy.Train, naming(ppo_train(seqs, old, adv, step=6, minibatch=1, run_id="rows"), [0]))
 
 
 def test_releasing_the_lease_drops_the_kept_rows(trainers, rollout):
@@ -118,9 +123,7 @@ def test_releasing_the_lease_drops_the_kept_rows(trainers, rollout):
     seqs, old, adv = rollout
     policy.Train(keeping(ppo_train(seqs, old, adv, step=7, run_id="rows"), list(range(6))), timeout=120)
     assert policy.Release(common_pb2.ReleaseRequest(lease=common_pb2.Lease(run_id="rows")), timeout=30).released
-    with pytest.raises(grpc.RpcError) as released:
-        policy.Train(naming(ppo_train(seqs, old, adv, step=7, minibatch=1, run_id="rows"), [0]), timeout=60)
-    assert released.value.code() == grpc.StatusCode.NOT_FOUND
+    expect_not_found(policy.Train, naming(ppo_train(seqs, old, adv, step=7, minibatch=1, run_id="rows"), [0]))
 
 
 def test_row_refs_are_validated_and_dpo_takes_none(trainers, rollout):
@@ -145,8 +148,6 @@ def test_the_value_service_keeps_rows_too(trainers, rollout):
     first = value.Train(keeping(value_train(seqs, values, returns, run_id="rows"), list(range(6))), timeout=120)
     second = value.Train(naming(value_train(seqs, values, returns, minibatch=1, run_id="rows"), [1, 4]), timeout=120)
     assert second.model_version == first.model_version + 1 and second.tokens == old[1].numel() + old[4].numel()
-    with pytest.raises(grpc.RpcError) as missing:
-        value.Train(naming(value_train(seqs, values, returns, minibatch=2, run_id="rows"), [7]), timeout=60)
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    expect_not_found(value.Train, naming(value_train(seqs, values, returns, minibatch=2, run_id="rows"), [7]))
     info = value.Info(common_pb2.InfoRequest(), timeout=30)
     assert info.model_version == second.model_version  # the refused call applied nothing

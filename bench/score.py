@@ -50,16 +50,16 @@ async def service_round(address: str, requests: list, clients: int) -> float:
 
 
 def in_process_round(model, tokenizer, prompts: list[str], responses: list[str], batch: int) -> float:
-    """Seconds to tokenise and score every row with batched forward passes."""
+    """Seconds to tokenise (one tokenizer call per batch) and score every row with batched forward passes."""
     from services.codec import pad_rows
-    from services.formatting import encode_for_reward
+    from services.formatting import encode_many_for_reward
 
     start = time.perf_counter()
     limit = getattr(model.config, "n_positions", 1024)
-    rows = [torch.tensor(encode_for_reward(tokenizer, p, r, limit), dtype=torch.long) for p, r in zip(prompts, responses)]
     with torch.no_grad():
-        for i in range(0, len(rows), batch):
-            ids, mask = pad_rows(rows[i : i + batch], tokenizer.pad_token_id)
+        for i in range(0, len(prompts), batch):
+            ids = encode_many_for_reward(tokenizer, prompts[i : i + batch], responses[i : i + batch], limit)
+            ids, mask = pad_rows([torch.tensor(row, dtype=torch.long) for row in ids], tokenizer.pad_token_id)
             model(input_ids=ids, attention_mask=mask.long()).logits.float()
     return time.perf_counter() - start
 

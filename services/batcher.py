@@ -42,6 +42,7 @@ class _Request:
     items: list[Any]
     tokens: int
     alive: Callable[[], bool] = _always  # False once the caller gave up (cancelled, deadline passed)
+    exact: bool = True  # tokens is the count; False: a guess for grouping, and the run reports the count (on_tokens)
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -73,6 +74,7 @@ class Batcher:
         self.admitted = 0  # requests holding an admit() slot now
         self.refused = 0  # requests refused by admit() because max_queue were in progress
         self.on_batch: Callable[[int, int], None] | None = None  # (rows, tokens) hook for metrics
+        self.on_tokens: Callable[[int], None] | None = None  # tokens of inexact requests, reported by the run
         self.on_result: Callable[[list, float], None] | None = None  # (results, seconds) hook, on the model thread
 
     def _timed_run(self, key: Hashable, items: list[Any]) -> list[Any]:
@@ -100,11 +102,15 @@ class Batcher:
         return self._queue.qsize() + len(self._held)
 
     async def submit(self, key: Hashable, items: list[Any], tokens: int,
-                     alive: Callable[[], bool] = _always) -> list[Any]:
-        """Queue `items` (rows of one request) and wait for their results; `alive` see the module docstring."""
+                     alive: Callable[[], bool] = _always, exact: bool = True) -> list[Any]:
+        """Queue `items` (rows of one request) and wait for their results; `alive` see the module docstring.
+
+        exact=False: `tokens` is only an estimate (texts not yet tokenised), used to group the batch; the run
+        counts the real tokens and reports them through `on_tokens`.
+        """
         if self._task is None:
             self._task = asyncio.create_task(self._loop())
-        request = _Request(key, items, tokens, alive)
+        request = _Request(key, items, tokens, alive, exact)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -149,7 +155,7 @@ class Batcher:
             self.batch_alive = lambda: any(r.alive() for r in group)
             items = [item for r in group for item in r.items]
             if self.on_batch:
-                self.on_batch(len(items), sum(r.tokens for r in group))
+                self.on_batch(len(items), sum(r.tokens for r in group if r.exact))
             call = loop.run_in_executor(self._executor, self._timed_run, group[0].key, items)
             if self._concurrent:
                 task = asyncio.ensure_future(self._answer(group, call))

@@ -4,6 +4,7 @@ Every decoder validates what it reads and raises InvalidArgument naming the
 field, so servicers never see a malformed tensor.
 """
 
+import array
 import math
 import sys
 
@@ -35,6 +36,11 @@ def tensor_to_pb(t: torch.Tensor) -> tensor_pb2.Tensor:
         t = t.to(torch.float32 if t.is_floating_point() else torch.int64)
     raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
     return tensor_pb2.Tensor(dtype=_PB_DTYPE[t.dtype], shape=list(t.shape), raw=raw)
+
+
+def floats_to_pb(values: list[float]) -> tensor_pb2.Tensor:
+    """A 1-D float32 Tensor of Python floats, without building a torch tensor (small replies on the event loop)."""
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[len(values)], raw=array.array("f", values).tobytes())
 
 
 def tensor_from_pb(pb: tensor_pb2.Tensor, field: str, allowed=None, ndim: int | None = None) -> torch.Tensor:

@@ -24,13 +24,22 @@ def encode_for_reward(tokenizer: PreTrainedTokenizerBase, prompt: str, response:
     The score is read at the final eos, so the eos is always kept: an
     over-long sample loses tokens from the left (the prompt's start first).
     """
+    return encode_many_for_reward(tokenizer, [prompt], [response], max_length)[0]
+
+
+def encode_many_for_reward(tokenizer: PreTrainedTokenizerBase, prompts: list[str], responses: list[str],
+                           max_length: int) -> list[list[int]]:
+    """`encode_for_reward` of each (prompt, response) pair, in one tokenizer call (a fast tokenizer encodes the
+    batch in Rust, without the per-call overhead)."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the reward tokenizer needs an eos token")
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    text = join_prompt_response(prompt, response)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids[-max_length:]
+    if not prompts:
+        return []
+    texts = [join_prompt_response(p, r) for p, r in zip(prompts, responses, strict=True)]
+    eos = tokenizer.eos_token_id
+    return [(ids + [eos])[-max_length:] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
 def pad_right(seqs: list[list[int]], pad_id: int, fill: int | None = None

@@ -314,6 +314,7 @@ class ServiceMetrics:
                 tokens.inc(count(results))
 
         batcher.on_batch, batcher.on_result = on_batch, on_result
+        batcher.on_tokens = None if count else tokens.inc
 
     def set_ready(self, serving: bool) -> None:
         """Follow the health status (SERVING or not)."""

@@ -8,6 +8,7 @@ validation, admission and metrics.
 """
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
@@ -16,13 +17,22 @@ from services import codec
 from services.batch import ModelLimits, check_token_rows, tokens_from_pb
 from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
-from services.formatting import encode_for_reward
+from services.formatting import encode_many_for_reward
 from services.inference import sequence_scores
 from services.models import LoadedModel, load_tokenizer_only
 from services.rules import RuleScorer
 from services.servicer import FrozenServicer
 from services.tei import TEIScorer
 from services.validation import check_texts
+
+
+@dataclass(frozen=True)
+class TextRow:
+    """A (prompt, response) pair queued as text, tokenised on the model thread together with its whole batch."""
+
+    prompt: str
+    response: str
+    index: int  # its row in the request, to name it in an error
 
 
 class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
@@ -42,11 +52,36 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
             self.batcher = Batcher(lambda key, items: self.scorer.run_rows(key, items), batching, self.scorer_pool,
                                    concurrent=True)
 
-    def run_batch(self, _key, rows: list[torch.Tensor]) -> list[float]:
+    def run_batch(self, _key, items: list[torch.Tensor | TextRow]) -> list[float | InvalidArgument]:
+        """Scores of token rows and texts (tokenised here, in one call for the batch); a text whose tokens fall
+        outside the model's vocabulary gets an InvalidArgument in its place."""
         m = self.loaded
+        rows = self._tokenise(items, m)
+        if self.batcher.on_tokens is not None:
+            self.batcher.on_tokens(sum(int(row.numel()) for row, item in zip(rows, items)
+                                       if isinstance(item, TextRow) and isinstance(row, torch.Tensor)))
+        ok = [i for i, row in enumerate(rows) if isinstance(row, torch.Tensor)]
         with torch.no_grad():
-            return self.model_calls([int(row.numel()) for row in rows], lambda idx: sequence_scores(
-                m.model, [rows[i] for i in idx], m.pad_id, m.device).tolist())
+            scores = self.model_calls([int(rows[i].numel()) for i in ok], lambda idx: sequence_scores(
+                m.model, [rows[ok[j]] for j in idx], m.pad_id, m.device).tolist())
+        for i, score in zip(ok, scores):
+            rows[i] = score
+        return rows
+
+    @staticmethod
+    def _tokenise(items: list[torch.Tensor | TextRow], m) -> list[torch.Tensor | InvalidArgument]:
+        texts = [i for i, item in enumerate(items) if isinstance(item, TextRow)]
+        if not texts:
+            return list(items)
+        rows: list = list(items)
+        encoded = encode_many_for_reward(m.tokenizer, [items[i].prompt for i in texts],
+                                         [items[i].response for i in texts], m.limits.max_length)
+        for i, ids in zip(texts, encoded):
+            high = max(ids)
+            rows[i] = torch.tensor(ids, dtype=torch.long) if high < m.limits.vocab_size else InvalidArgument(
+                "texts", f"row {items[i].index} encodes to token id {high}, outside the model's vocabulary "
+                f"[0, {m.limits.vocab_size}): the tokenizer does not match the model")
+        return rows
 
     def load_model(self) -> LoadedModel:
         if self.cfg.backend == "tei":  # the model runs on the TEI server: its tokenizer (eos) and limits only
@@ -86,17 +121,32 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
 
     def _encode(self, prompts: list[str], responses: list[str], m) -> list[torch.Tensor]:
         """Token rows of (prompt, response) texts as the reward model was trained on them (on the text threads)."""
-        rows = [torch.tensor(encode_for_reward(m.tokenizer, p, r, m.limits.max_length), dtype=torch.long)
-                for p, r in zip(prompts, responses)]
+        rows = [torch.tensor(ids, dtype=torch.long)
+                for ids in encode_many_for_reward(m.tokenizer, prompts, responses, m.limits.max_length)]
         return check_token_rows(rows, "texts", m.limits)
 
     async def score_texts(self, prompts: list[str], responses: list[str], context) -> list[float]:
-        """Scores of (prompt, response) texts: the rule's, or the model's through the batcher."""
+        """Scores of (prompt, response) texts: the rule's, or the model's through the batcher.
+
+        Texts that cannot pass the request's token budget even at the model's
+        full length go to the batcher as texts, tokenised on the model thread
+        with the rest of their batch; larger requests are tokenised and
+        checked first, off the event loop.
+        """
         m = self.require()
         if self.scorer is not None:
             return await self.scorer.score(self.batcher, prompts, responses, call_alive(context))
-        size = sum(map(len, prompts)) + sum(map(len, responses))
-        return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m, size=size), context)
+        if len(prompts) * m.limits.max_length > m.limits.max_tokens:
+            size = sum(map(len, prompts)) + sum(map(len, responses))
+            return await self.score_rows(await self.off_loop(self._encode, prompts, responses, m, size=size), context)
+        limit = m.limits.max_length
+        rows = [TextRow(p, r, i) for i, (p, r) in enumerate(zip(prompts, responses))]
+        tokens = sum(min(limit, len(p) + len(r) + 1) for p, r in zip(prompts, responses))  # a guess, for grouping
+        scores = await self.batcher.submit(None, rows, tokens, call_alive(context), exact=False)
+        for score in scores:
+            if isinstance(score, InvalidArgument):
+                raise score
+        return scores
 
     async def score_rows(self, rows: list[torch.Tensor], context) -> list[float]:
         """Scores of token rows (validated against the model's limits) through the batcher."""
@@ -118,8 +168,7 @@ class RewardServicer(FrozenServicer, reward_pb2_grpc.RewardServiceServicer):
                 scores = await self.score_texts(*self._text_columns(request.texts), context)
             else:
                 raise InvalidArgument("input", "empty batch: set tokens or texts")
-            return reward_pb2.ScoreResponse(scores=codec.tensor_to_pb(torch.tensor(scores, dtype=torch.float32)),
-                                            values=scores)
+            return reward_pb2.ScoreResponse(scores=codec.floats_to_pb(scores), values=scores)
 
     async def compare(self, request: reward_pb2.CompareRequest, context) -> reward_pb2.CompareResponse:
         """Scores of both sides and P(chosen preferred) = sigmoid(chosen - rejected)."""

@@ -7,6 +7,7 @@ import pytest
 
 from controller.metrics import ControllerMetrics
 from rlhf.v1 import policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+from services.formatting import encode_for_reward
 from services.metrics import NoMetrics, ServiceMetrics, metrics_for
 from services.reward import RewardServicer
 from tests.support.metrics import scrape, value
@@ -70,7 +71,9 @@ def test_model_metrics_follow_the_batches(reward):
     assert value(after, "rlhf_sequences_total", **q) - value(before, "rlhf_sequences_total", **q) == 5
     assert value(after, "rlhf_batch_size_count", **q) - value(before, "rlhf_batch_size_count", **q) == 1
     assert value(after, "rlhf_batch_size_sum", **q) - value(before, "rlhf_batch_size_sum", **q) == 5
-    assert value(after, "rlhf_tokens_scored_total", **q) > value(before, "rlhf_tokens_scored_total", **q)
+    m = reward.servicer.loaded
+    expected = 5 * len(encode_for_reward(m.tokenizer, "Say hi: ", "hi there", m.limits.max_length))
+    assert value(after, "rlhf_tokens_scored_total", **q) - value(before, "rlhf_tokens_scored_total", **q) == expected
     assert value(after, "rlhf_inference_seconds_count", **q) - value(before, "rlhf_inference_seconds_count", **q) == 1
     assert value(after, "rlhf_queue_depth", **q) == 0
     assert value(after, "rlhf_queue_capacity", **q) == reward.cfg.batching.max_queue

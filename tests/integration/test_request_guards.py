@@ -166,6 +166,8 @@ def test_text_rows_and_token_limits_are_checked_before_any_work(tiny_dirs, small
     refused_fast(lambda: reward.Score(score_texts(["q"] * 9, ["a"] * 9), timeout=10), fragment="limit of 8")
     wide = codec.ragged_to_pb([torch.full((60,), 5)] * 8, torch.int32)  # 8 rows x 60 tokens > 400
     refused_fast(lambda: reward.Score(reward_pb2.ScoreRequest(tokens=wide), timeout=10), fragment="max_request_tokens")
+    long_texts = score_texts(["q"] * 8, ["many words " * 20] * 8)  # 8 rows x about 60 tokens > 400
+    refused_fast(lambda: reward.Score(long_texts, timeout=10), fragment="max_request_tokens")
     tokenize = policy_pb2.TokenizeRequest(prompts=["q"] * 9, responses=["a"] * 9)
     refused_fast(lambda: policy.Tokenize(tokenize, timeout=10), fragment="limit of 8")
     generate = text_generate(["Q: hi"] * 8, max_new_tokens=60)

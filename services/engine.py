@@ -109,8 +109,8 @@ def _watch_rank0(timeout_seconds: float, closing: threading.Event, period: float
 def deepspeed_config(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device) -> dict:
     """The DeepSpeed JSON config for one service's optimizer and ZeRO stage."""
     params = {"lr": cfg.learning_rate, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-    if device.type != "cuda":
-        params["torch_adam"] = True  # fused CUDA Adam does not exist on CPU
+    if device.type != "cuda":  # fused CUDA Adam does not exist on CPU; torch's, one kernel per op over all
+        params |= {"torch_adam": True, "foreach": True}  # tensors (foreach), not one op per tensor
     return {
         "train_micro_batch_size_per_gpu": 1,  # nominal: each request sets its own boundary
         "gradient_accumulation_steps": 1,
@@ -137,6 +137,8 @@ class TrainEngine:
             config=deepspeed_config(cfg, dtype, device),
         )
         self.engine.eval()  # dropout stays off while training (see models._finish)
+        if torch.distributed.get_world_size() == 1 and self.engine.zero_optimization_stage() == 0:
+            self.engine.enable_backward_allreduce = False  # alone, DeepSpeed's all-reduce only copies the gradients
         self.version = 0
         self.device = device
         self.rank = torch.distributed.get_rank()

@@ -43,3 +43,25 @@ def test_micro_batching_does_not_change_the_step(tiny_dirs, zero_stage):
         assert torch.allclose(a, b, atol=1e-5), name
         moved += not torch.allclose(a, initial[name])
     assert moved > 0
+
+
+def test_a_lone_rank_skips_the_all_reduce_and_steps_adam_over_all_tensors_at_once_with_the_same_result(tiny_dirs):
+    """Alone at ZeRO 0 the engine skips DeepSpeed's all-reduce and runs torch's foreach AdamW; the weights after
+    three steps equal those of DeepSpeed's default path (all-reduce, one Adam op per tensor)."""
+    torch.manual_seed(0)
+    batches = [torch.randint(3, 200, (4, 12)) for _ in range(3)]
+    engines = []
+    for fast in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dirs["lm"])
+        engine = TrainEngine(model, TrainingConfig(learning_rate=1e-3), torch.float32, torch.device("cpu"))
+        assert engine.engine.enable_backward_allreduce is False
+        assert all(group["foreach"] for group in engine.engine.optimizer.param_groups)
+        if not fast:
+            engine.engine.enable_backward_allreduce = True
+            for group in engine.engine.optimizer.param_groups:
+                group["foreach"] = False
+        for batch in batches:
+            assert engine.step([lm_loss(batch, batch[:, 1:].numel())])[1]
+        engines.append(engine)
+    for (name, a), b in zip(engines[0].module.named_parameters(), engines[1].module.parameters()):
+        assert torch.equal(a, b), name

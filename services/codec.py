@@ -68,20 +68,22 @@ def tensor_from_pb(pb: tensor_pb2.Tensor, field: str, allowed=None, ndim: int | 
 
 def token_rows_to_pb(rows: list[torch.Tensor]) -> tensor_pb2.RaggedTensor:
     """Token-id rows in the narrowest dtype that holds them: uint16 for ids below 65536, else int32."""
-    values = torch.cat([r.reshape(-1) for r in rows]) if rows else torch.empty(0, dtype=torch.int32)
+    values = _concat(rows, torch.int32)
     narrow = values.numel() == 0 or (int(values.min()) >= 0 and int(values.max()) <= 0xFFFF)
-    return tensor_pb2.RaggedTensor(values=tensor_to_pb(values.to(torch.uint16 if narrow else torch.int32)),
-                                   lengths=[int(r.numel()) for r in rows])
+    return _ragged(rows, values.to(torch.uint16 if narrow else torch.int32))
 
 
 def ragged_to_pb(rows: list[torch.Tensor], dtype: torch.dtype | None = None) -> tensor_pb2.RaggedTensor:
     """Encode a list of 1-D rows as concatenated values plus lengths."""
-    if rows:
-        values = torch.cat([r.reshape(-1) for r in rows])
-    else:
-        values = torch.empty(0, dtype=dtype or torch.float32)
-    if dtype is not None:
-        values = values.to(dtype)
+    values = _concat(rows, dtype or torch.float32)
+    return _ragged(rows, values if dtype is None else values.to(dtype))
+
+
+def _concat(rows: list[torch.Tensor], empty_dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat([r.reshape(-1) for r in rows]) if rows else torch.empty(0, dtype=empty_dtype)
+
+
+def _ragged(rows: list[torch.Tensor], values: torch.Tensor) -> tensor_pb2.RaggedTensor:
     return tensor_pb2.RaggedTensor(values=tensor_to_pb(values), lengths=[int(r.numel()) for r in rows])
 
 

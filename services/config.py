@@ -159,6 +159,10 @@ class ServerConfig(ListenConfig):
         1024.0, gt=0, description="Most GiB checkpoint_dir may hold; a SaveCheckpoint that would pass it is "
         "RESOURCE_EXHAUSTED")
     seed: int = Field(0, description="Seed for initialisation and sampling")
+    freeze_gc: bool = Field(
+        True, description="Once the model is loaded, move every object then alive out of Python's cyclic garbage "
+        "collector's scans (gc.freeze), so that full collections stop pausing the event loop for the time it "
+        "takes to walk the model's objects")
 
 
 class TGIConfig(Strict):

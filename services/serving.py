@@ -9,6 +9,7 @@ are built by the same `build_server`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import time
@@ -81,6 +82,17 @@ def build_model_server(servicer: ModelServicer, add_to_server, port: int):
                         servicer.cfg.server, port)
 
 
+def freeze_loaded_objects() -> int:
+    """Collect, then move every live object (the loaded model's modules, parameters, tokenizer) to the garbage
+    collector's permanent generation: a full collection no longer walks them, which paused the event loop for
+    tens of milliseconds at a time under load. Reference counting still frees them. Returns how many were moved."""
+    gc.collect()
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    log.info("%d objects alive after loading moved out of the garbage collector's scans (server.freeze_gc)", frozen)
+    return frozen
+
+
 async def set_health(health_servicer, servicer: ModelServicer, serving: bool) -> None:
     """Report SERVING or NOT_SERVING for the whole server and the role's service."""
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -111,6 +123,8 @@ async def serve(servicer: ModelServicer, add_to_server, stop: asyncio.Event | No
         start = time.perf_counter()
         await servicer.on_model_thread(servicer.load)
         servicer.metrics.model_loaded(servicer, time.perf_counter() - start)
+        if cfg.server.freeze_gc:
+            freeze_loaded_objects()
         await set_health(health_servicer, servicer, serving=True)
         log.info("%s service ready (%s on %s)", servicer.role, cfg.model.dtype, cfg.model.device)
         await stop.wait()

@@ -91,7 +91,8 @@ def service_config(role: str, path, **overrides) -> ServiceConfig:
     data = {
         "role": role,
         "model": {"path": str(path)},
-        "server": {"host": "127.0.0.1", "port": 0, "num_threads": 1, "grace_seconds": 1},
+        # freeze_gc off: gc.freeze() acts on the whole process, here the test runner (test_serving covers it)
+        "server": {"host": "127.0.0.1", "port": 0, "num_threads": 1, "grace_seconds": 1, "freeze_gc": False},
         "training": {"learning_rate": 1e-3, "micro_batch_size": 4},
     }
     for section, values in overrides.items():

@@ -45,6 +45,9 @@ def controller(
         shown = " ".join(f"{k} {result.stats[k]:.4f}" for k in keys if k in result.stats)
         logging.getLogger("controller").info("step %d/%d %s", result.step + 1, cfg.total_steps(), shown)
 
+    from services.serving import freeze_loaded_objects
+
+    freeze_loaded_objects()  # what the imports built stays for good: keep full collections from walking it
     try:
         asyncio.run(run_controller(cfg, report, handle_sigterm=True))
     except RunStopped as stopped:

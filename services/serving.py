@@ -89,7 +89,7 @@ def freeze_loaded_objects() -> int:
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()
-    log.info("%d objects alive after loading moved out of the garbage collector's scans (server.freeze_gc)", frozen)
+    log.info("%d objects alive now moved out of the garbage collector's scans (gc.freeze)", frozen)
     return frozen
 
 

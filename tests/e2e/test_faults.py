@@ -84,6 +84,7 @@ def baseline(mesh):
     run = ControllerRun(mesh, mesh.run_dir, "baseline")
     run.start()
     assert run.finish() == 0, run.log()[-3000:]
+    assert "moved out of the garbage collector's scans" in run.log()  # frozen, and still the same run as any other
     return final_weights(mesh, run), run.stats()
 
 

@@ -36,25 +36,27 @@ class StandInServer:
         raise NotImplementedError
 
 
+def send_json(handler: BaseHTTPRequestHandler, code: int, body) -> None:
+    """Answer `handler`'s request with status `code` and `body` as a JSON document of known length."""
+    data = json.dumps(body).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 def _handler(stand_in: StandInServer):
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):  # quiet
             pass
 
-        def _reply(self, code: int, body) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
         def do_GET(self):
-            self._reply(200, {}) if self.path == "/health" else self._reply(404, {"error": "not found"})
+            send_json(self, 200, {}) if self.path == "/health" else send_json(self, 404, {"error": "not found"})
 
         def do_POST(self):
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             with stand_in.lock:
-                self._reply(*stand_in.post(self.path, request))
+                send_json(self, *stand_in.post(self.path, request))
 
     return Handler

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, urlparse
 import kubernetes
 import pytest
 
+from bench.standin import send_json
 from controller.discovery import DiscoveryError, parse_target
 
 SERVICE, NAMESPACE = "policy", "rl"
@@ -119,23 +120,15 @@ class FakeKubeApi:
                 url = urlparse(self.path)
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 if url.path != SLICES_PATH:
-                    return self._json(404, {"kind": "Status", "code": 404, "message": url.path})
+                    return send_json(self, 404, {"kind": "Status", "code": 404, "message": url.path})
                 if query.get("labelSelector") != f"kubernetes.io/service-name={SERVICE}":
-                    return self._json(400, {"kind": "Status", "code": 400, "message": "bad labelSelector"})
+                    return send_json(self, 400, {"kind": "Status", "code": 400, "message": "bad labelSelector"})
                 if query.get("watch", "").lower() == "true":
                     return self._watch(query)
                 api.lists += 1
-                self._json(200, {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+                send_json(self, 200, {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
                                  "metadata": {"resourceVersion": str(api.version)},
                                  "items": list(api.slices.values())})
-
-            def _json(self, code, body):
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def _watch(self, query):
                 # Chunked, like a real API server: the client reads one chunk at a time, while a

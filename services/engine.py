@@ -137,12 +137,12 @@ class TrainEngine:
             config=deepspeed_config(cfg, dtype, device),
         )
         self.engine.eval()  # dropout stays off while training (see models._finish)
-        if torch.distributed.get_world_size() == 1 and self.engine.zero_optimization_stage() == 0:
-            self.engine.enable_backward_allreduce = False  # alone, DeepSpeed's all-reduce only copies the gradients
         self.version = 0
         self.device = device
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
+        if self.world_size == 1 and self.engine.zero_optimization_stage() == 0:
+            self.engine.enable_backward_allreduce = False  # alone, DeepSpeed's all-reduce only copies the gradients
         self.closing = threading.Event()  # set when the service drains: peers leaving is expected then
         if self.world_size > 1 and self.rank > 0:
             threading.Thread(target=_watch_rank0, args=(cfg.collective_timeout_seconds, self.closing), daemon=True,

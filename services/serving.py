@@ -82,15 +82,13 @@ def build_model_server(servicer: ModelServicer, add_to_server, port: int):
                         servicer.cfg.server, port)
 
 
-def freeze_loaded_objects() -> int:
+def freeze_loaded_objects() -> None:
     """Collect, then move every live object (the loaded model's modules, parameters, tokenizer) to the garbage
     collector's permanent generation: a full collection no longer walks them, which paused the event loop for
-    tens of milliseconds at a time under load. Reference counting still frees them. Returns how many were moved."""
+    tens of milliseconds at a time under load. Reference counting still frees them."""
     gc.collect()
     gc.freeze()
-    frozen = gc.get_freeze_count()
-    log.info("%d objects alive now moved out of the garbage collector's scans (gc.freeze)", frozen)
-    return frozen
+    log.info("%d objects alive now moved out of the garbage collector's scans (gc.freeze)", gc.get_freeze_count())
 
 
 async def set_health(health_servicer, servicer: ModelServicer, serving: bool) -> None:

@@ -35,6 +35,9 @@ class ModelConfig(Strict):
         None, ge=2, description="Longest prompt + response in tokens; defaults to the model's position limit"
     )
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the hub")
+    fused_activations: bool = Field(
+        True, description="Run the tanh-approximate GELU that GPT-2-style models write as a chain of elementwise "
+        "ops (gelu_new, gelu_fast) as torch's one fused kernel of the same function; false keeps the model's own")
 
 
 class BatchingConfig(Strict):

@@ -5,8 +5,6 @@ Generate, LogProbs and Train all turn logits into log-probs with
 PPO ratio on freshly sampled data is 1 up to floating-point noise.
 """
 
-import functools
-import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -24,6 +22,7 @@ from transformers import (
 
 from services.batch import Sequences
 from services.codec import pad_rows
+from services.models import forward_takes, no_cache
 from services.objectives import logprobs_from_logits
 from services.seeds import row_seed
 
@@ -33,13 +32,9 @@ def _temperature(t: float) -> float:
     return t if t > 0 else 1.0
 
 
-@functools.cache
 def _projects_positions(model_type: type) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do): positions to project."""
-    try:
-        return "logits_to_keep" in inspect.signature(model_type.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return forward_takes(model_type, "logits_to_keep")
 
 
 def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,9 +46,10 @@ def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.
     input_ids, attention_mask, index = input_ids.to(device), attention_mask.to(device), index.to(device)
     if _projects_positions(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
         # The LM head runs on the response positions only, not on the prompt's and the padding's.
-        picked = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=index).logits  # (B, R, V)
+        picked = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=index,
+                       **no_cache(model)).logits  # (B, R, V)
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, **no_cache(model)).logits  # (B, T, V)
         picked = logits.gather(1, index.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))  # (B, R, V)
     labels = input_ids.gather(1, (index + 1).clamp(max=input_ids.shape[1] - 1)) * mask.to(device).long()  # (B, R)
     return picked, labels, mask.to(device)
@@ -77,7 +73,8 @@ def response_values(model, seqs: Sequences, pad_id: int, device) -> list[torch.T
 def sequence_scores(model, rows: list[torch.Tensor], pad_id: int, device) -> torch.Tensor:
     """Reward-model score of each whole sequence (read at its last token). (B,)"""
     input_ids, mask = pad_rows(rows, pad_id)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device)).logits  # (B, 1)
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.long().to(device),
+                   **no_cache(model)).logits  # (B, 1)
     return logits[:, 0].float().cpu()
 
 

@@ -107,21 +107,35 @@ def _watch_rank0(timeout_seconds: float, closing: threading.Event, period: float
 
 
 def deepspeed_config(cfg: TrainingConfig, dtype: torch.dtype, device: torch.device) -> dict:
-    """The DeepSpeed JSON config for one service's optimizer and ZeRO stage."""
+    """The DeepSpeed JSON config for one service's optimizer and ZeRO stage.
+
+    On CUDA the optimizer is DeepSpeed's fused Adam, named here; on a CPU it is none: `cpu_adamw` builds it and
+    the engine hands it to deepspeed.initialize.
+    """
     params = {"lr": cfg.learning_rate, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
-    if device.type != "cuda":  # fused CUDA Adam does not exist on CPU; torch's, one kernel per op over all
-        params |= {"torch_adam": True, "foreach": True}  # tensors (foreach), not one op per tensor
     return {
         "train_micro_batch_size_per_gpu": 1,  # nominal: each request sets its own boundary
         "gradient_accumulation_steps": 1,
         "gradient_clipping": cfg.grad_clip,
-        "optimizer": {"type": "AdamW", "params": params},
+        **({"optimizer": {"type": "AdamW", "params": params}} if device.type == "cuda" else {}),
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
         "fp16": {"enabled": dtype == torch.float16},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+def cpu_adamw(params, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """torch's AdamW with its fused CPU kernel: one pass over each tensor's weights, gradients and moments.
+
+    DeepSpeed's fused Adam is CUDA-only, and its torch fallback runs AdamW one op at a time over every tensor
+    (or a dozen ops over all tensors with `foreach`); on a small model the fused kernel takes a fifth of the
+    time of `foreach` (3.7 ms against 21 ms per step for 3.7M parameters on one thread). Same update rule,
+    equal to float rounding.
+    """
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, fused=True)
 
 
 class TrainEngine:
@@ -131,9 +145,11 @@ class TrainEngine:
         init_distributed(device, cfg.collective_timeout_seconds)
         import deepspeed
 
+        trained = [p for p in module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(
             model=module,
-            model_parameters=[p for p in module.parameters() if p.requires_grad],
+            model_parameters=trained,
+            optimizer=None if device.type == "cuda" else cpu_adamw(trained, cfg),
             config=deepspeed_config(cfg, dtype, device),
         )
         self.engine.eval()  # dropout stays off while training (see models._finish)

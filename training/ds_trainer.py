@@ -124,7 +124,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainerConfig, steps: int):
     engine_cfg = TrainingConfig(learning_rate=cfg.lr, grad_clip=cfg.grad_clip, zero_stage=cfg.zero_stage)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     ds_config = deepspeed_config(engine_cfg, dtype, device)  # bf16: DeepSpeed casts the model, keeps fp32 masters
-    ds_config.pop("optimizer")  # the client optimizer above replaces it, so that the scheduler can wrap it
+    ds_config.pop("optimizer", None)  # the client optimizer above replaces it, so that the scheduler can wrap it
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=ds_config)
     return engine

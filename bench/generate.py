@@ -19,6 +19,7 @@ from services import codec
 from services.channels import open_channel
 from services.inference import Sampling, left_pad
 from services.launcher import LocalMesh
+from services.models import fuse_activations
 
 
 def bench_model(out: pathlib.Path) -> pathlib.Path:
@@ -66,14 +67,19 @@ def time_local(model, prompts, s: Sampling, pad_id: int, eos_id: int) -> tuple[f
     return seconds, tokens
 
 
-def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: int, temperature: float, as_json: bool):
-    """Print grpc tokens/s, in-process tokens/s and their ratio (one JSON object with --json)."""
+def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: int, temperature: float, as_json: bool,
+                   same_kernels: bool = False):
+    """Print grpc tokens/s, in-process tokens/s and their ratio (one JSON object with --json).
+
+    The in-process side is plain transformers; with same_kernels it runs the service's fused activations too."""
     threads = torch.get_num_threads()
     work = pathlib.Path(tempfile.mkdtemp(prefix="rlhf-bench-"))
     model_path = model_path or str(bench_model(work))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    if same_kernels:
+        fuse_activations(model)
     prompts = prompt_rows(tokenizer, batch_size)
     sampling = policy_pb2.SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=1)
     local_sampling = Sampling(temperature, max_new_tokens, seed=1)
@@ -92,11 +98,12 @@ def bench_generate(model_path, batch_size: int, max_new_tokens: int, repeats: in
     local_tps = sum(t for _, t in local_runs) / sum(s for s, _ in local_runs)
     result = {"grpc_tokens_per_s": grpc_tps, "inprocess_tokens_per_s": local_tps, "ratio": grpc_tps / local_tps,
               "model": model_path, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-              "temperature": temperature, "repeats": repeats, "threads": threads}
+              "temperature": temperature, "repeats": repeats, "threads": threads, "same_kernels": same_kernels}
     if as_json:
         print(json.dumps(result))
     else:
         print(f"Policy.Generate over gRPC : {grpc_tps:10.1f} tokens/s")
-        print(f"in-process model.generate : {local_tps:10.1f} tokens/s")
+        print(f"in-process model.generate : {local_tps:10.1f} tokens/s"
+              + (" (fused activations)" if same_kernels else " (plain transformers)"))
         print(f"ratio (gRPC / in-process) : {grpc_tps / local_tps:10.3f}")
     return result

@@ -23,6 +23,7 @@ from rlhf.v1 import reward_pb2, reward_pb2_grpc
 from services.channels import open_channel
 from services.cpus import apply_threads
 from services.launcher import LocalMesh
+from services.models import fuse_activations
 
 
 def texts(n: int) -> tuple[list[str], list[str]]:
@@ -65,8 +66,11 @@ def in_process_round(model, tokenizer, prompts: list[str], responses: list[str],
 
 
 def bench_score(model_path: str | None, clients: int, pairs: int, requests: int, rounds: int, batch: int,
-                as_json: bool) -> dict:
-    """Alternate service and in-process rounds over the same rows; print and return rows/s and the ratio."""
+                as_json: bool, same_kernels: bool = False) -> dict:
+    """Alternate service and in-process rounds over the same rows; print and return rows/s and the ratio.
+
+    The in-process side is plain transformers, as a caller would write it; with same_kernels it runs the
+    service's fused activations too, so that the ratio measures serving alone."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-score-") as tmp:
@@ -80,6 +84,8 @@ def bench_score(model_path: str | None, clients: int, pairs: int, requests: int,
         with LocalMesh(work / "mesh", config) as mesh:
             threads = apply_threads()  # this process shares the machine with the service like it
             model = AutoModelForSequenceClassification.from_pretrained(model_path).eval()
+            if same_kernels:
+                fuse_activations(model)
             tokenizer = AutoTokenizer.from_pretrained(model_path)
             asyncio.run(mesh.wait_ready(300))
             address = mesh.endpoints["reward"]
@@ -95,13 +101,14 @@ def bench_score(model_path: str | None, clients: int, pairs: int, requests: int,
     rows = len(prompts)
     rates = {side: rows / statistics.median(s) for side, s in seconds.items()}
     result = {"rows": rows, "clients": clients, "pairs_per_call": pairs, "rounds": rounds, "batch": batch,
-              "torch_threads": threads.intra_op, "service_rows_per_second": rates["service"],
+              "same_kernels": same_kernels, "torch_threads": threads.intra_op, "service_rows_per_second": rates["service"],
               "in_process_rows_per_second": rates["in_process"], "ratio": rates["service"] / rates["in_process"],
               "seconds": seconds}
     if as_json:
         print(json.dumps(result))
     else:
+        kernels = "fused activations" if same_kernels else "plain transformers"
         print(f"{rows} rows, {clients} clients x {pairs} pairs per Score call: service {rates['service']:.0f} rows/s, "
-              f"in-process batched forward {rates['in_process']:.0f} rows/s; ratio {result['ratio']:.3f} "
+              f"in-process batched forward ({kernels}) {rates['in_process']:.0f} rows/s; ratio {result['ratio']:.3f} "
               "(target >= 0.9)")
     return result

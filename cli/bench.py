@@ -11,13 +11,15 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt"),
     repeats: int = typer.Option(5, help="Timed calls per side"),
     temperature: float = typer.Option(1.0, help="Sampling temperature"),
+    same_kernels: bool = typer.Option(False, "--same-kernels", help="Give the in-process side the service's fused "
+                                      "activations (model.fused_activations) instead of plain transformers"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """tokens/s of Policy.Generate over gRPC vs in-process model.generate, side by side."""
     from bench.generate import bench_generate as run
 
     setup_logging()
-    run(model, batch_size, max_new_tokens, repeats, temperature, as_json)
+    run(model, batch_size, max_new_tokens, repeats, temperature, as_json, same_kernels)
 
 
 def train_rm(
@@ -87,13 +89,15 @@ def score(
     requests: int = typer.Option(256, help="Score calls per round"),
     rounds: int = typer.Option(6, help="Timed rounds per side, alternating"),
     batch: int = typer.Option(64, help="Rows per forward pass on both sides (the service's max_batch_size)"),
+    same_kernels: bool = typer.Option(False, "--same-kernels", help="Give the in-process side the service's fused "
+                                      "activations (model.fused_activations) instead of plain transformers"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """Reward.Score rows/s from concurrent small calls vs one in-process batched forward over the same rows."""
     from bench.score import bench_score as run
 
     setup_logging()
-    run(model, clients, pairs, requests, rounds, batch, as_json)
+    run(model, clients, pairs, requests, rounds, batch, as_json, same_kernels)
 
 
 def ppo(

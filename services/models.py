@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
+from transformers.activations import FastGELUActivation, NewGELUActivation
 from transformers.utils import logging as hf_logging
 
 from services.batch import ModelLimits
@@ -155,15 +156,12 @@ def sequence_classifier(path: str, dtype: torch.dtype, tokenizer, revision: str 
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
-    """Swap each tanh-approximate GELU written as elementwise ops for torch's fused kernel; returns the count.
+    """Swap each tanh-approximate GELU written as elementwise ops (gelu_new, gelu_fast) for torch's one fused
+    kernel of the same function, equal to float rounding; returns how many were swapped.
 
-    transformers' gelu_new and gelu_fast compute 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) in six to
-    eight tensor ops, each a pass over the MLP's widest activation forward and again backward; on a CPU that
-    was about a third of a small GPT-2's MLP time. torch.nn.GELU(approximate="tanh") is the same function in
-    one kernel; outputs agree to float rounding (about 1e-7 on the activation).
+    Six to eight tensor ops, each a pass over the MLP's widest activation, were about a third of a small GPT-2's
+    MLP forward time on a CPU (docs/benchmarks.md).
     """
-    from transformers.activations import FastGELUActivation, NewGELUActivation
-
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -4,6 +4,9 @@ import typer
 
 from cli.output import fail, setup_logging
 
+SAME_KERNELS = typer.Option(False, "--same-kernels", help="Give the in-process side the service's fused activations "
+                            "(model.fused_activations) instead of plain transformers")
+
 
 def generate(
     model: str = typer.Option(None, help="Causal LM directory or hub id (default: a tiny local model)"),
@@ -11,8 +14,7 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="Tokens generated per prompt"),
     repeats: int = typer.Option(5, help="Timed calls per side"),
     temperature: float = typer.Option(1.0, help="Sampling temperature"),
-    same_kernels: bool = typer.Option(False, "--same-kernels", help="Give the in-process side the service's fused "
-                                      "activations (model.fused_activations) instead of plain transformers"),
+    same_kernels: bool = SAME_KERNELS,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """tokens/s of Policy.Generate over gRPC vs in-process model.generate, side by side."""
@@ -89,8 +91,7 @@ def score(
     requests: int = typer.Option(256, help="Score calls per round"),
     rounds: int = typer.Option(6, help="Timed rounds per side, alternating"),
     batch: int = typer.Option(64, help="Rows per forward pass on both sides (the service's max_batch_size)"),
-    same_kernels: bool = typer.Option(False, "--same-kernels", help="Give the in-process side the service's fused "
-                                      "activations (model.fused_activations) instead of plain transformers"),
+    same_kernels: bool = SAME_KERNELS,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """Reward.Score rows/s from concurrent small calls vs one in-process batched forward over the same rows."""

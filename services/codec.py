@@ -40,7 +40,8 @@ def tensor_to_pb(t: torch.Tensor) -> tensor_pb2.Tensor:
 
 def floats_to_pb(values: list[float]) -> tensor_pb2.Tensor:
     """A 1-D float32 Tensor of Python floats, without building a torch tensor (small replies on the event loop)."""
-    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[len(values)], raw=array.array("f", values).tobytes())
+    raw = array.array("f", values).tobytes()
+    return tensor_pb2.Tensor(dtype=tensor_pb2.DTYPE_FLOAT32, shape=[len(values)], raw=raw)
 
 
 def tensor_from_pb(pb: tensor_pb2.Tensor, field: str, allowed=None, ndim: int | None = None) -> torch.Tensor:

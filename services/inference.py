@@ -32,11 +32,6 @@ def _temperature(t: float) -> float:
     return t if t > 0 else 1.0
 
 
-def _projects_positions(model_type: type) -> bool:
-    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do): positions to project."""
-    return forward_takes(model_type, "logits_to_keep")
-
-
 def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Logits that predict each response token.
 
@@ -44,7 +39,7 @@ def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.
     """
     input_ids, attention_mask, index, mask = seqs.padded(pad_id)
     input_ids, attention_mask, index = input_ids.to(device), attention_mask.to(device), index.to(device)
-    if _projects_positions(type(getattr(model, "module", model))):  # a DeepSpeed engine wraps the model
+    if forward_takes(type(getattr(model, "module", model)), "logits_to_keep"):  # a DeepSpeed engine wraps the model
         # The LM head runs on the response positions only, not on the prompt's and the padding's.
         picked = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=index,
                        **no_cache(model)).logits  # (B, R, V)

@@ -12,8 +12,8 @@ from services.batch import Sequences, check_budget, check_token_rows, tokens_fro
 from services.batcher import Batcher, call_alive
 from services.errors import InvalidArgument
 from services.formatting import IGNORE_INDEX, encode_sft_example
-from services.inference import Sampling, generate, no_cache, response_logits, response_logprobs
-from services.models import LoadedModel
+from services.inference import Sampling, generate, response_logits, response_logprobs
+from services.models import LoadedModel, no_cache
 from services.servicer import TrainableServicer
 from services.validation import MAX_COEF, check_range, check_temperature, check_texts, micro_batch_size
 
@@ -243,7 +243,8 @@ class PolicyServicer(TrainableServicer, policy_pb2_grpc.PolicyServiceServicer):
             def fn(engine):
                 ids, mask = codec.pad_rows([rows[i] for i in idx], m.pad_id)
                 ids, mask = ids.to(m.device), mask.to(m.device)
-                logits = engine(input_ids=ids, attention_mask=mask.long(), **no_cache(engine)).logits[:, :-1].float()  # (b, T-1, V)
+                out = engine(input_ids=ids, attention_mask=mask.long(), **no_cache(engine))
+                logits = out.logits[:, :-1].float()  # (b, T-1, V)
                 nll = -objectives.logprobs_from_logits(logits, ids[:, 1:]) * mask[:, 1:]
                 loss = nll.sum() / n_tokens  # mean LM loss over every pretraining token
                 stats["ptx_loss"] = stats.get("ptx_loss", 0.0) + float(loss.detach())

@@ -29,7 +29,7 @@ def test_projected_positions_equal_the_full_projection():
         picked, labels, mask = response_logits(model, seqs, pad_id=0, device="cpu")
         full, full_labels, full_mask = response_logits(WithoutPositions(model), seqs, pad_id=0, device="cpu")
     assert "logits_to_keep" in calls[0] and "logits_to_keep" not in calls[1]
-    assert calls[0]["use_cache"] is False and "use_cache" not in calls[1]  # no KV cache for a pass that does not generate
+    assert calls[0]["use_cache"] is False and "use_cache" not in calls[1]  # no KV cache: this pass does not generate
     assert picked.shape == full.shape == (3, 10, 97)
     assert torch.equal(labels, full_labels) and torch.equal(mask, full_mask)
     keep = mask.bool()

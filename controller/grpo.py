@@ -23,7 +23,6 @@ from controller.loop import (
     POLICY_ADDITIVE,
     Experience,
     PPORunner,
-    merge_shards,
     policy_request,
 )
 from rlhf.v1 import policy_pb2
@@ -72,15 +71,11 @@ class CriticFreeRunner(PPORunner):
                                self.cfg.ppo.kl_estimator)
         exp.stats["objective/kl_coef"] = self.kl_ctl.value
 
-    async def _train_minibatch(self, exp: Experience, key, index: list[int]) -> dict:
-        """One optimizer step of the policy on minibatch rows `index`, sharded over its ranks."""
-        cfg, c = self.cfg.ppo, self.clients
-        cf = self.cfg.critic_free
+    def _train_requests(self, exp: Experience) -> dict:
+        """The policy alone, with the KL in its loss when critic_free.kl_in_loss, and the configured aggregation."""
+        cfg, cf = self.cfg.ppo, self.cfg.critic_free
         kl_coef = self.kl_ctl.value if cf.kl_in_loss else 0.0
         aggregation = (policy_pb2.LOSS_AGGREGATION_SEQUENCE if cf.loss_aggregation == "sequence"
                        else policy_pb2.LOSS_AGGREGATION_TOKEN)
-        ptx = self._ptx_shards(c.ranks("policy"))
-        replies = await self.train_ranks(
-            "policy", index, lambda rank, plan: policy_request(exp, cfg, key, plan, ptx[rank], kl_coef,
-                                                                         aggregation))
-        return {"policy": merge_shards(replies, POLICY_ADDITIVE)}
+        return {"policy": (lambda rank, plan, key, ptx: policy_request(exp, cfg, key, plan, ptx[rank], kl_coef,
+                                                                       aggregation), POLICY_ADDITIVE)}

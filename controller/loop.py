@@ -284,7 +284,7 @@ class PPORunner(Runner):
     """Runs PPO iterations against the services; `step()` is one iteration.
 
     Subclasses change what an iteration samples (`_next_prompts`), whether it asks the value service
-    (`with_values`), how scores become advantages (`advantages`) and which services train (`_train_minibatch`).
+    (`with_values`), how scores become advantages (`advantages`) and which services train and on what (`_train_requests`).
     """
 
     with_values = True  # rollouts ask the value service for V(s_t)
@@ -354,29 +354,60 @@ class PPORunner(Runner):
         self.clients.watch.trained(role, replies)
         return replies
 
-    async def _train_minibatch(self, exp: Experience, key: common_pb2.TrainKey, index: list[int]) -> dict:
-        """One optimizer step of policy and value on minibatch rows `index`, sharded over their ranks;
-        role -> its merged reply."""
+    def _train_requests(self, exp: Experience) -> dict:
+        """The services a step trains: role -> (request_for(rank, plan, key, ptx shards), additive reply fields)."""
         cfg = self.cfg.ppo
-        ptx = self._ptx_shards(self.clients.ranks("policy"))
-        p, v = await asyncio.gather(
-            self.train_ranks("policy", index, lambda rank, plan: policy_request(exp, cfg, key, plan, ptx[rank])),
-            self.train_ranks("value", index, lambda rank, plan: value_request(exp, cfg, key, plan)))
-        return {"policy": merge_shards(p, POLICY_ADDITIVE), "value": merge_shards(v, VALUE_ADDITIVE)}
+        return {"policy": (lambda rank, plan, key, ptx: policy_request(exp, cfg, key, plan, ptx[rank]),
+                           POLICY_ADDITIVE),
+                "value": (lambda rank, plan, key, ptx: value_request(exp, cfg, key, plan), VALUE_ADDITIVE)}
 
-    async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
+    def _minibatches(self, exp: Experience, step: int) -> list[tuple]:
+        """(Train key, rows, PPO-ptx shards) of each optimizer step of `step`: ppo_epochs passes over the batch
+        in a fresh order each, drawn from the run's generator."""
         cfg = self.cfg.ppo
-        start = time.perf_counter()
-        n_minibatches = cfg.batch_size // cfg.minibatch_size
-        replies: dict[str, list] = {}
-        self.rows.begin(step)
+        n = cfg.batch_size // cfg.minibatch_size
+        minibatches = []
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(len(exp.prompts), generator=self.generator).tolist()
-            for mb in range(n_minibatches):
-                index = order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
-                key = self.train_key(step, epoch * n_minibatches + mb)
-                for role, reply in (await self._train_minibatch(exp, key, index)).items():
-                    replies.setdefault(role, []).append(reply)
+            for mb in range(n):
+                minibatches.append((self.train_key(step, epoch * n + mb),
+                                    order[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size],
+                                    self._ptx_shards(self.clients.ranks("policy"))))
+        return minibatches
+
+    async def _train_roles(self, exp: Experience, step: int) -> dict[str, list]:
+        """Every trained role through the step's minibatches, each at its own pace (policy and value steps do
+        not wait for each other); role -> its merged replies in minibatch order.
+
+        When one role fails, the others stop after the call they have in flight, so that no Train of the step
+        is still running when the failure reaches the driver (which may load checkpoints next)."""
+        minibatches = self._minibatches(exp, step)
+        failures: list[BaseException] = []
+
+        async def train(role: str, request_for, additive) -> list:
+            merged = []
+            try:
+                for key, index, ptx in minibatches:
+                    if failures:
+                        break
+                    replies = await self.train_ranks(
+                        role, index, lambda rank, plan, key=key, ptx=ptx: request_for(rank, plan, key, ptx))
+                    merged.append(merge_shards(replies, additive))
+            except BaseException as error:
+                failures.append(error)
+                raise
+            return merged
+
+        roles = self._train_requests(exp)
+        results = await asyncio.gather(*(train(role, *spec) for role, spec in roles.items()), return_exceptions=True)
+        if failures:
+            raise failures[0]
+        return dict(zip(roles, results))
+
+    async def _train(self, exp: Experience, step: int, timings: dict) -> dict:
+        start = time.perf_counter()
+        self.rows.begin(step)
+        replies = await self._train_roles(exp, step)
         timings["train"] = time.perf_counter() - start
         policy = replies["policy"]
         self.policy_version = policy[-1].model_version

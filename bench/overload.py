@@ -12,7 +12,9 @@ answered, rejected or not. Rounds alternate between two loads:
 
 By default a refused client retries at once (the hostile case: every
 refusal costs the server a call's worth of work); with `backoff_ms` it waits
-a jittered backoff first, as the controller and gRPC retry policies do.
+a jittered backoff first; with `pushback` it waits as long as the refusal's
+`grpc-retry-pushback-ms` trailer asks (services/pushback.py), as gRPC retry
+policies and the controller do.
 
 The figures: successful Score calls per second under each load and their
 ratio (overload / saturation, target >= 0.9), and the latency of the
@@ -33,6 +35,7 @@ from bench.metrics import bench_reward_model, score_request
 from rlhf.v1 import reward_pb2_grpc
 from services.channels import open_channel
 from services.launcher import LocalMesh
+from services.pushback import pushback_seconds
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,10 +46,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def timed_load(stub, request, in_flight: int, seconds: float, backoff_ms: float = 0.0) -> dict:
+async def timed_load(stub, request, in_flight: int, seconds: float, backoff_ms: float = 0.0,
+                     pushback: bool = False) -> dict:
     """Keep `in_flight` Score calls going for `seconds`; successes per second and latencies of each outcome.
 
-    A refused caller waits backoff_ms x uniform(0.5, 1.5) before its next call (0: none).
+    A refused caller waits backoff_ms x uniform(0.5, 1.5) before its next call (0: none), or, with `pushback`,
+    at least as long as the refusal's grpc-retry-pushback-ms asks.
     """
     ok: list[float] = []
     refused: list[float] = []
@@ -62,8 +67,11 @@ async def timed_load(stub, request, in_flight: int, seconds: float, backoff_ms: 
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     refused.append(time.perf_counter() - start)
-                    if backoff_ms:
-                        await asyncio.sleep(backoff_ms / 1000 * random.uniform(0.5, 1.5))
+                    wait = backoff_ms / 1000 * random.uniform(0.5, 1.5)
+                    if pushback:
+                        wait = max(wait, pushback_seconds(error))
+                    if wait:
+                        await asyncio.sleep(min(wait, max(deadline - time.perf_counter(), 0.0)))
                 else:
                     other[error.code().name] = other.get(error.code().name, 0) + 1
 
@@ -82,7 +90,7 @@ def service_config(model: str, queue: int, batch: int) -> dict:
 
 
 async def measure(address: str, queue: int, factor: int, rounds: int, seconds: float, pairs: int,
-                  backoff_ms: float) -> dict:
+                  backoff_ms: float, pushback: bool = False) -> dict:
     """Alternate saturation and overload rounds (ABAB) against the service at `address`."""
     request = score_request(pairs)
     loads = {"saturation": queue, "overload": factor * queue}
@@ -92,13 +100,14 @@ async def measure(address: str, queue: int, factor: int, rounds: int, seconds: f
         await timed_load(stub, request, queue, min(seconds, 2.0))  # warm-up
         for i in range(rounds):
             for name in (("saturation", "overload") if i % 2 == 0 else ("overload", "saturation")):
-                results[name].append(await timed_load(stub, request, loads[name], seconds, backoff_ms))
+                results[name].append(await timed_load(stub, request, loads[name], seconds, backoff_ms, pushback))
                 print(f"round {i + 1}/{rounds} {name:10s} {json.dumps(results[name][-1])}", flush=True)
     saturation = statistics.median(r["ok_per_second"] for r in results["saturation"])
     overload = statistics.median(r["ok_per_second"] for r in results["overload"])
     refused = [r for r in results["overload"] if r["refused"]]
     return {
         "queue": queue, "factor": factor, "rounds": rounds, "seconds": seconds, "pairs": pairs, "backoff_ms": backoff_ms,
+        "pushback": pushback,
         "saturation_ok_per_second": saturation, "overload_ok_per_second": overload,
         "throughput_ratio": overload / saturation,
         "refused_p50_ms": statistics.median(r["refused_p50_ms"] for r in refused) if refused else float("nan"),
@@ -109,18 +118,21 @@ async def measure(address: str, queue: int, factor: int, rounds: int, seconds: f
 
 
 def bench_overload(model: str | None, queue: int, batch: int, factor: int, rounds: int, seconds: float, pairs: int,
-                   backoff_ms: float, as_json: bool) -> dict:
+                   backoff_ms: float, as_json: bool, pushback: bool = False) -> dict:
     """Start the reward service, measure, print the summary (or JSON) and return it."""
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-overload-") as tmp:
         work = pathlib.Path(tmp)
         model = model or str(bench_reward_model(work / "model"))
         with LocalMesh(work / "mesh", {"reward": service_config(model, queue, batch)}) as mesh:
             asyncio.run(mesh.wait_ready(300))
-            result = asyncio.run(measure(mesh.endpoints["reward"], queue, factor, rounds, seconds, pairs, backoff_ms))
+            result = asyncio.run(measure(mesh.endpoints["reward"], queue, factor, rounds, seconds, pairs, backoff_ms,
+                                         pushback))
     if as_json:
         print(json.dumps({k: v for k, v in result.items() if k != "rounds_detail"}))
     else:
         retry = f"refused callers back off {backoff_ms:g} ms" if backoff_ms else "refused callers retry at once"
+        if pushback:
+            retry = "refused callers wait as the server's grpc-retry-pushback-ms asks"
         print(f"Score, {pairs} pairs per call, queue of {queue}, {retry}: saturation ({queue} in flight) "
               f"{result['saturation_ok_per_second']:.1f} ok/s; overload ({factor * queue} in flight) "
               f"{result['overload_ok_per_second']:.1f} ok/s; ratio {result['throughput_ratio']:.3f} (target >= 0.9)\n"

@@ -75,13 +75,15 @@ def overload(
     pairs: int = typer.Option(1, help="(prompt, response) pairs per Score call"),
     backoff_ms: float = typer.Option(0.0, help="A refused caller waits this long (jittered) before its next call; "
                                      "0: at once"),
+    pushback: bool = typer.Option(False, "--pushback", help="A refused caller waits as long as the refusal's "
+                                  "grpc-retry-pushback-ms asks, as gRPC retry policies do (and at least --backoff-ms)"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
 ):
     """Reward.Score at saturation vs overload: successful throughput ratio and how fast refusals come back."""
     from bench.overload import bench_overload as run
 
     setup_logging()
-    run(model, queue, batch, factor, rounds, seconds, pairs, backoff_ms, as_json)
+    run(model, queue, batch, factor, rounds, seconds, pairs, backoff_ms, as_json, pushback)
 
 
 def score(

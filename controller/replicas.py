@@ -27,6 +27,7 @@ from controller.discovery import Discovery, DiscoveryError, DnsDiscovery, parse_
 from rlhf.v1 import common_pb2
 from services.channels import open_channel
 from services.config import ClientSecurity
+from services.pushback import pushback_seconds
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,12 @@ def backoff(attempt: int, cap: float = 8.0) -> float:
     """Seconds to wait before retry `attempt` (0, 1, ...): 0.5 s doubling up to `cap`, times a jitter in
     [0.5, 1) so that many callers retrying one restarted service do not arrive together."""
     return min(0.5 * 2**attempt, cap) * random.uniform(0.5, 1.0)
+
+
+def retry_delay(error: grpc.aio.AioRpcError, attempt: int) -> float:
+    """Seconds before retrying a failed call: the backoff, or longer when the server asked for longer
+    (grpc-retry-pushback-ms on an overloaded service's refusals, services/pushback.py)."""
+    return max(backoff(attempt), pushback_seconds(error))
 
 
 class Outage:
@@ -253,7 +260,7 @@ class Replicas:
                 tried.add(address)
                 address = await self._pick(tried)  # another replica at once; it waits when none serves
                 if address in tried or code not in FAILOVER:  # the same one again, or overloaded: give it time
-                    await asyncio.sleep(backoff(attempt))
+                    await asyncio.sleep(retry_delay(error, attempt))
                 continue
             return self._answered(reply)
 
@@ -333,7 +340,7 @@ class Replicas:
                 except grpc.aio.AioRpcError as error:
                     if not self._retry(error, attempt, deadline):
                         raise self._gave_up(error, deadline) from None
-                    await asyncio.sleep(backoff(attempt))
+                    await asyncio.sleep(retry_delay(error, attempt))
                     continue
                 return self._answered(reply)
 

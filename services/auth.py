@@ -124,14 +124,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
-def refusal(handler, code: grpc.StatusCode, details: str):
-    """A handler of the same kind as `handler` that fails every call at once without parsing the request."""
+def refusal(handler, code: grpc.StatusCode, details: str, trailers=lambda: ()):
+    """A handler of the same kind as `handler` that fails every call at once without parsing the request;
+    trailers() gives each refusal's trailing metadata."""
 
     async def unary(request, context):
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=trailers())
 
     async def streaming(request, context):
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=trailers())
         yield  # pragma: no cover - makes this an async generator
 
     return rebuild(handler, streaming if handler.response_streaming else unary, request_deserializer=None)

@@ -137,6 +137,10 @@ class ListenConfig(Strict):
     max_concurrent_rpcs: int = Field(
         512, ge=1, description="RPCs in progress at once (health checks not counted); beyond it a call is "
         "refused at once with RESOURCE_EXHAUSTED")
+    refusals_per_second: int = Field(
+        100, ge=1, description="Refusals for load a second the server aims to answer: the retry delay it asks of "
+        "refused callers (grpc-retry-pushback-ms, 10 ms - 10 s, honoured by gRPC retry policies and the controller) "
+        "is sized so that callers who wait it are refused about this often")
     metrics_port: int | None = Field(
         None, ge=-1, le=65535,
         description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables; default per process "

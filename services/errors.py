@@ -89,17 +89,18 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     string) end in INVALID_ARGUMENT instead of UNKNOWN or INTERNAL.
     """
 
-    def __init__(self):
-        self._wrapped = HandlerCache(_mapping_errors)
+    def __init__(self, pushback=None):
+        self._wrapped = HandlerCache(lambda handler, method: _mapping_errors(handler, method, pushback))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         return None if handler is None else self._wrapped.get(handler, handler_call_details.method)
 
 
-def _mapping_errors(handler, method: str):
+def _mapping_errors(handler, method: str, pushback=None):
     """`handler` parsing its own request bytes and answering every exception with its status (the unary and
-    the bidirectional-streaming methods, which are all the services have; others pass unchanged)."""
+    the bidirectional-streaming methods, which are all the services have; others pass unchanged). A refusal
+    for load (Overloaded) carries pushback's retry delay (services/pushback.py)."""
     request_streaming, response_streaming = kind(handler)
     if request_streaming != response_streaming:
         return handler
@@ -113,14 +114,14 @@ def _mapping_errors(handler, method: str):
         try:
             return await inner(parsed(raw), context)
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await _abort(context, method, error)
+            await _abort(context, method, error, pushback)
 
     async def streaming(raw, context):
         try:
             async for reply in inner(parsed(raw), context):
                 yield reply
         except Exception as error:  # noqa: BLE001 - every error becomes a status
-            await _abort(context, method, error)
+            await _abort(context, method, error, pushback)
 
     return rebuild(handler, streaming if response_streaming else unary, request_deserializer=None)
 
@@ -137,11 +138,12 @@ async def _parsed(parse, raw_iterator):
         yield _parse(parse, raw)
 
 
-async def _abort(context, method: str, error: Exception) -> None:
+async def _abort(context, method: str, error: Exception, pushback=None) -> None:
     """Abort the RPC with the status the error maps to (AbortError passes through)."""
     if isinstance(error, grpc.aio.AbortError):
         raise error
     code = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
-    await context.abort(code, str(error) or type(error).__name__)
+    trailers = pushback.trailers() if pushback is not None and isinstance(error, Overloaded) else ()
+    await context.abort(code, str(error) or type(error).__name__, trailing_metadata=trailers)

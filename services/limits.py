@@ -2,27 +2,30 @@
 
 Health checks and reflection are not counted, so probes keep answering
 while the server sheds load. The batchers' bounded queues shed the rest
-(services/batcher.py); both answer RESOURCE_EXHAUSTED in milliseconds, which
-the controller retries with backoff.
+(services/batcher.py); both answer RESOURCE_EXHAUSTED in milliseconds, with
+the time to wait before a retry (services/pushback.py), which the controller
+and gRPC retry policies honour.
 """
 
 import grpc
 
 from services.auth import refusal, required_scope
 from services.handlers import HandlerCache, behaviour, kind, rebuild
+from services.pushback import RetryPushback
 
 
 class ConcurrencyLimit(grpc.aio.ServerInterceptor):
     """Counts the calls in progress; refuses new ones with RESOURCE_EXHAUSTED beyond `limit`."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, pushback: RetryPushback):
         self.limit = limit
         self.active = 0
         self.refused = 0
         self._counted = HandlerCache(self._counting)
         self._refusals = HandlerCache(lambda handler: refusal(
             handler, grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"the server's limit of {limit} calls in progress is reached (server.max_concurrent_rpcs)"))
+            f"the server's limit of {limit} calls in progress is reached (server.max_concurrent_rpcs)",
+            pushback.trailers))
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)

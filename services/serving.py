@@ -24,6 +24,7 @@ from services.config import ListenConfig
 from services.errors import ErrorInterceptor
 from services.limits import ConcurrencyLimit
 from services.metrics import metrics_for, metrics_port
+from services.pushback import RetryPushback
 from services.reflection import enable_reflection
 
 if TYPE_CHECKING:  # the model code is imported only by the processes that serve a model
@@ -44,8 +45,9 @@ def build_server(services: list, service_names: list[str], interceptors: list, l
     (server, health servicer, bound port).
     """
     grants = load_grants(listen.auth)
-    guards = [ConcurrencyLimit(listen.max_concurrent_rpcs), *([AuthInterceptor(grants)] if grants else [])]
-    server = grpc.aio.server(interceptors=[*interceptors, *guards, ErrorInterceptor()],
+    pushback = RetryPushback(listen.refusals_per_second)
+    guards = [ConcurrencyLimit(listen.max_concurrent_rpcs, pushback), *([AuthInterceptor(grants)] if grants else [])]
+    server = grpc.aio.server(interceptors=[*interceptors, *guards, ErrorInterceptor(pushback)],
                              options=server_options(listen.max_message_mb))
     for servicer, add_to_server in services:
         add_to_server(servicer, server)

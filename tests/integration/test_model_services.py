@@ -1,6 +1,7 @@
 """Reference, reward and value services, health, reflection and batching over real gRPC."""
 
 import concurrent.futures
+import json
 import time
 
 import grpc
@@ -19,6 +20,7 @@ from rlhf.v1 import (
 )
 from services import codec
 from services.formatting import encode_for_reward
+from services.pushback import pushback_seconds
 from tests.support.rpc import (
     expect_invalid,
     rows,
@@ -144,18 +146,50 @@ def test_full_queue_is_resource_exhausted_and_loading_is_unavailable(tiny_dirs):
         stub = reward_pb2_grpc.RewardServiceStub(server.channel())
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             calls = [pool.submit(stub.Score, score_texts(["p"] * 8, ["r"] * 8), timeout=60) for _ in range(16)]
-            codes = []
+            codes, waits = [], []
             for c in calls:
                 try:
                     c.result()
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as error:
                     codes.append(error.code())
+                    waits.append(pushback_seconds(error))
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes and grpc.StatusCode.OK in codes
+        assert all(wait > 0 for wait in waits), waits  # each refusal says when to come back
         server.servicer.draining = True
         with pytest.raises(grpc.RpcError) as caught:
             stub.Score(score_texts(["p"], ["r"]), timeout=10)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop()
+
+
+def test_a_grpc_retry_policy_retries_a_full_queue_at_the_pace_the_server_asks(tiny_dirs):
+    """The client's own backoff would wait up to 10 s between attempts; the refusals' grpc-retry-pushback-ms
+    (milliseconds while few calls are refused) sets the pace instead, so all five attempts are spent at once."""
+    config = {"methodConfig": [{"name": [{"service": "rlhf.v1.RewardService"}], "retryPolicy": {
+        "maxAttempts": 5, "initialBackoff": "10s", "maxBackoff": "10s", "backoffMultiplier": 1,
+        "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}}]}
+    server = ServerThread(service_config("reward", tiny_dirs["rm"], batching={"max_queue": 1, "max_wait_ms": 3000}))
+    server.start()
+    try:
+        holder = reward_pb2_grpc.RewardServiceStub(server.channel())
+        options = [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
+        with grpc.insecure_channel(server.address, options=options) as channel, \
+                concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(holder.Score, score_texts(["p"], ["r"]), timeout=60)  # the one slot, for ~3 s
+            deadline = time.monotonic() + 10
+            while server.servicer.batcher.admitted == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            refused_before = server.servicer.batcher.refused
+            start = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as raised:
+                reward_pb2_grpc.RewardServiceStub(channel).Score(score_texts(["p"], ["r"]), timeout=60)
+            elapsed = time.perf_counter() - start
+            assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert server.servicer.batcher.refused - refused_before == 5  # every attempt was made ...
+            assert elapsed < 2.0, elapsed  # ... at the server's pace, not the policy's 10 s backoff
+            assert held.result().values
     finally:
         server.stop()
 

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc, tensor_pb2, value_pb2_grpc
 from services import codec
 from services.batch import Sequences, budget_chunks
+from services.pushback import pushback_seconds
 from tests.support.rpc import expect_invalid, ppo_train, score_texts, text_generate, value_train
 from tests.support.servers import ServerThread, service_config
 
@@ -213,6 +214,9 @@ def test_calls_beyond_the_concurrency_cap_are_refused_at_once_and_probes_still_a
             time.sleep(0.5)  # both are in progress now
             elapsed = refused_fast(lambda: policy.Generate(request, timeout=30), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    "max_concurrent_rpcs", within=0.5)
+            with pytest.raises(grpc.RpcError) as refused:
+                policy.Generate(request, timeout=30)
+            assert pushback_seconds(refused.value) > 0  # how long to wait before calling again
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
             gate.set()

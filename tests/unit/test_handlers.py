@@ -8,6 +8,7 @@ from services.auth import AuthInterceptor, Grant, token_digest
 from services.errors import ErrorInterceptor, InvalidArgument
 from services.handlers import HandlerCache, kind
 from services.limits import ConcurrencyLimit
+from services.pushback import RetryPushback
 
 
 class Details:
@@ -22,9 +23,11 @@ class Aborted(Exception):
 class Context:
     def __init__(self):
         self.status = None
+        self.trailers = ()
 
-    async def abort(self, code, details):
+    async def abort(self, code, details, trailing_metadata=()):
         self.status = (code, details)
+        self.trailers = trailing_metadata
         raise Aborted
 
 
@@ -58,13 +61,13 @@ def test_each_interceptor_returns_the_same_handler_call_after_call():
     first, second = intercept(errors, details), intercept(errors, details)
     assert first is second and first is not HANDLER and kind(first) == (False, False)
     assert call(first, b"x") == (grpc.StatusCode.INVALID_ARGUMENT, "field: bad 'x'")  # parses, then maps the error
-    limit = ConcurrencyLimit(1)
+    limit = ConcurrencyLimit(1, RetryPushback(200))
     assert intercept(limit, details) is intercept(limit, details)
 
 
 def test_refusals_are_kept_per_reason_and_still_refuse():
     details = Details("/rlhf.v1.RewardService/Score")
-    limit = ConcurrencyLimit(0)
+    limit = ConcurrencyLimit(0, RetryPushback(200))
     busy = intercept(limit, details)
     assert busy is intercept(limit, details) and limit.refused == 2
     assert call(busy, b"ignored")[0] == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -170,14 +170,14 @@ def test_a_grpc_retry_policy_retries_a_full_queue_at_the_pace_the_server_asks(ti
     config = {"methodConfig": [{"name": [{"service": "rlhf.v1.RewardService"}], "retryPolicy": {
         "maxAttempts": 5, "initialBackoff": "10s", "maxBackoff": "10s", "backoffMultiplier": 1,
         "retryableStatusCodes": ["RESOURCE_EXHAUSTED"]}}]}
-    server = ServerThread(service_config("reward", tiny_dirs["rm"], batching={"max_queue": 1, "max_wait_ms": 3000}))
+    server = ServerThread(service_config("reward", tiny_dirs["rm"], batching={"max_queue": 1, "max_wait_ms": 1500}))
     server.start()
     try:
         holder = reward_pb2_grpc.RewardServiceStub(server.channel())
         options = [("grpc.service_config", json.dumps(config)), ("grpc.enable_retries", 1)]
         with grpc.insecure_channel(server.address, options=options) as channel, \
                 concurrent.futures.ThreadPoolExecutor(1) as pool:
-            held = pool.submit(holder.Score, score_texts(["p"], ["r"]), timeout=60)  # the one slot, for ~3 s
+            held = pool.submit(holder.Score, score_texts(["p"], ["r"]), timeout=60)  # the one slot, for ~1.5 s
             deadline = time.monotonic() + 10
             while server.servicer.batcher.admitted == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)

@@ -49,7 +49,7 @@ class RetryPushback:
         """Count a refusal now; the milliseconds (an integer, as text) its caller should wait."""
         now = self._clock()
         self._count += 1
-        elapsed = now - self._last_look
+        elapsed = max(now - self._last_look, 1e-6)  # a coarse clock may not have moved
         span = self.delay_ms / 1000 + ROUND_TRIP
         burst = self._count > 2 * self.budget * max(WINDOW, elapsed)
         if elapsed >= max(WINDOW, span) or burst:

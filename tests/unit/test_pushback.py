@@ -49,6 +49,14 @@ def test_callers_that_honour_it_are_brought_down_to_the_budget_and_quiet_lowers_
     assert int(pushback.refused()) == MIN_MS
 
 
+def test_a_clock_that_does_not_move_is_a_burst_not_an_error():
+    clock = Clock()
+    pushback = RetryPushback(100, clock=clock, jitter=lambda: 1.0)
+    clock.now += 1  # the next look is due, and then nothing moves
+    delays = [int(pushback.refused()) for _ in range(200)]
+    assert delays[0] == MIN_MS and delays[-1] > MIN_MS
+
+
 def test_callers_that_ignore_it_drive_it_to_its_bound():
     clock = Clock()
     pushback = RetryPushback(100, clock=clock, jitter=lambda: 1.0)

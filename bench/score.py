@@ -102,7 +102,8 @@ def bench_score(model_path: str | None, clients: int, pairs: int, requests: int,
     rates = {side: rows / statistics.median(s) for side, s in seconds.items()}
     result = {"rows": rows, "clients": clients, "pairs_per_call": pairs, "rounds": rounds, "batch": batch,
               "same_kernels": same_kernels, "torch_threads": threads.intra_op,
-              "service_rows_per_second": rates["service"], "in_process_rows_per_second": rates["in_process"], "ratio": rates["service"] / rates["in_process"],
+              "service_rows_per_second": rates["service"], "in_process_rows_per_second": rates["in_process"],
+              "ratio": rates["service"] / rates["in_process"],
               "seconds": seconds}
     if as_json:
         print(json.dumps(result))

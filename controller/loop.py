@@ -284,7 +284,8 @@ class PPORunner(Runner):
     """Runs PPO iterations against the services; `step()` is one iteration.
 
     Subclasses change what an iteration samples (`_next_prompts`), whether it asks the value service
-    (`with_values`), how scores become advantages (`advantages`) and which services train and on what (`_train_requests`).
+    (`with_values`), how scores become advantages (`advantages`) and which services train and on what
+    (`_train_requests`).
     """
 
     with_values = True  # rollouts ask the value service for V(s_t)

@@ -39,7 +39,7 @@ def response_logits(model, seqs: Sequences, pad_id: int, device) -> tuple[torch.
     """
     input_ids, attention_mask, index, mask = seqs.padded(pad_id)
     input_ids, attention_mask, index = input_ids.to(device), attention_mask.to(device), index.to(device)
-    if forward_takes(type(getattr(model, "module", model)), "logits_to_keep"):  # a DeepSpeed engine wraps the model
+    if forward_takes(model, "logits_to_keep"):
         # The LM head runs on the response positions only, not on the prompt's and the padding's.
         picked = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=index,
                        **no_cache(model)).logits  # (B, R, V)

@@ -39,18 +39,22 @@ _POSITION_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_lengt
 
 
 @functools.cache
-def forward_takes(model_type: type, argument: str) -> bool:
-    """Whether the model class's forward takes `argument`."""
+def _forward_parameters(model_type: type) -> frozenset[str]:
     try:
-        return argument in inspect.signature(model_type.forward).parameters
+        return frozenset(inspect.signature(model_type.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def forward_takes(model, argument: str) -> bool:
+    """Whether the model's forward (or that of the model a DeepSpeed engine wraps) takes `argument`."""
+    return argument in _forward_parameters(type(getattr(model, "module", model)))
 
 
 def no_cache(model) -> dict:
     """Forward arguments that spare a pass that does not generate building a KV cache: {"use_cache": False}
-    where the model (or the one a DeepSpeed engine wraps) takes the argument, else none."""
-    return {"use_cache": False} if forward_takes(type(getattr(model, "module", model)), "use_cache") else {}
+    where the model takes the argument, else none."""
+    return {"use_cache": False} if forward_takes(model, "use_cache") else {}
 
 
 class TokenValueModel(torch.nn.Module):
